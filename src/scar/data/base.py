@@ -100,10 +100,11 @@ class TensorImages(ImageSet):
 class SubsetImages(ImageSet):
     """A view of another image set through an index tensor (used for lazily decoded sets)."""
 
-    def __init__(self, parent: ImageSet, idx: torch.Tensor):
+    def __init__(self, parent: ImageSet, idx: torch.Tensor, labels: torch.Tensor | None = None):
         self.parent = parent
         self.idx = idx
-        self.labels = parent.labels[idx]
+        # ``labels`` relabels the view (e.g. surrogate images labelled by a model's predictions).
+        self.labels = parent.labels[idx] if labels is None else labels.to(torch.long).cpu()
         self.channels = parent.channels
         self.size = parent.size
 
@@ -128,7 +129,9 @@ class Augment:
         return x
 
 
-def random_crop(x: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(
+    x: torch.Tensor, pad: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per-sample random crop of a zero-padded batch, done with one gather (no Python loop)."""
     b, _, h, w = x.shape
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
@@ -184,7 +187,8 @@ class BatchLoader:
         if self.data.channels != self.spec.channels or self.data.size != self.spec.size:
             raise ConfigError(
                 f"Images are {self.data.channels}x{self.data.size}x{self.data.size} but the model "
-                f"expects {self.spec.channels}x{self.spec.size}x{self.spec.size}; resize the source "
+                f"expects {self.spec.channels}x{self.spec.size}x{self.spec.size}; resize the "
+                "source "
                 "to the dataset's resolution and channel count first."
             )
         self.device = torch.device(self.device)

@@ -1,0 +1,31 @@
+"""Unlearning methods: one file per method, all registered in :data:`METHODS`."""
+
+import importlib
+
+from scar.methods.base import (
+    METHODS,
+    Method,
+    UnlearnData,
+    access_profile,
+    build_method,
+    register,
+)
+
+#: Modules whose import registers a method (one file per method).
+METHOD_MODULES = (
+    "scar_method",
+    "self_forget",
+    "finetune",
+    "negative_gradient",
+    "random_labels",
+    "duck",
+    "retrain",
+)
+for _name in METHOD_MODULES:
+    try:
+        importlib.import_module(f"scar.methods.{_name}")
+    except ModuleNotFoundError as _exc:  # a method file still being written
+        if _exc.name != f"scar.methods.{_name}":
+            raise
+
+__all__ = ["METHODS", "Method", "UnlearnData", "access_profile", "build_method", "register"]

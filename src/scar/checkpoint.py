@@ -1,0 +1,162 @@
+"""Checkpoints: safetensors weights + a JSON sidecar. Never unpickles anything.
+
+``path/to/name.safetensors`` holds the weights, ``path/to/name.json`` the sidecar: model spec,
+input spec, dataset, role (original / oracle / unlearned), forget spec, metrics, timing, device,
+versions, seed, and the location of stored class statistics if any. A plain ``.pt``/``.pth`` state
+dict is accepted only through ``torch.load(weights_only=True)`` and only with an explicit model
+spec (there is no sidecar to rebuild the architecture from).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scar.data.base import InputSpec
+from scar.errors import CheckpointError, MissingDataError
+from scar.models.base import ModelSpec, build_model
+from scar.utils import atomic_write_bytes, atomic_write_json, versions
+
+log = logging.getLogger(__name__)
+
+FORMAT = "scar-checkpoint/1"
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model (on CPU, eval mode) and its sidecar metadata."""
+
+    model: nn.Module
+    model_spec: ModelSpec
+    input_spec: InputSpec
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def dataset(self) -> str:
+        return self.meta.get("dataset", "")
+
+    def stats_path(self) -> Path | None:
+        """Where stored class statistics (recorded at training time) live, if any."""
+        rel = self.meta.get("stats")
+        if not rel or self.path is None:
+            return None
+        return self.path.parent / rel
+
+
+def sidecar_path(path: str | Path) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def save_checkpoint(
+    path: str | Path, model: nn.Module, model_spec: ModelSpec, input_spec: InputSpec,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``path`` (.safetensors) and its JSON sidecar, both atomically."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path.with_suffix(".safetensors")
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(state, metadata={"format": FORMAT}))
+    side = {
+        "format": FORMAT,
+        "model": model_spec.to_dict(),
+        "input_spec": input_spec.to_dict(),
+        "versions": versions(),
+        **(meta or {}),
+    }
+    atomic_write_json(sidecar_path(path), side)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    side = sidecar_path(path)
+    if not side.exists():
+        raise CheckpointError(
+            f"Checkpoint {path} has no sidecar {side.name}: the architecture cannot be rebuilt. "
+            "Checkpoints written by `scar train` / `scar unlearn` always have one."
+        )
+    try:
+        meta = json.loads(side.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"Sidecar {side} is not valid JSON: {exc}.") from exc
+    if meta.get("format") != FORMAT or "model" not in meta or "input_spec" not in meta:
+        raise CheckpointError(
+            f"Sidecar {side} is not a SCAR checkpoint sidecar (expected format {FORMAT!r} with "
+            f"'model' and 'input_spec'; got format {meta.get('format')!r})."
+        )
+    return meta
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}.") from exc
+    if path.suffix in _PICKLE_SUFFIXES:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling refusal becomes a clear error
+            raise CheckpointError(
+                f"Refusing to load {path}: it is not a plain tensor state dict "
+                f"(torch.load(weights_only=True) said: {str(exc).splitlines()[0]}). "
+                "SCAR never unpickles arbitrary objects; convert it to safetensors."
+            ) from exc
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path} does not hold a state dict of tensors.")
+        return obj
+    raise CheckpointError(
+        f"Unsupported checkpoint file {path.name!r}: use .safetensors (preferred) or a "
+        f"weights-only torch state dict ({', '.join(sorted(_PICKLE_SUFFIXES))})."
+    )
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model_spec: ModelSpec | None = None,
+    input_spec: InputSpec | None = None,
+    expect_num_classes: int | None = None,
+) -> Checkpoint:
+    """Load a checkpoint safely; a wrong architecture or class count is a clear CheckpointError."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingDataError(f"Checkpoint {path} does not exist.")
+    state = _read_state(path)  # first: an unsafe file is refused before anything else
+    meta: dict[str, Any] = {}
+    if sidecar_path(path).exists() or model_spec is None:
+        meta = _read_sidecar(path)
+    spec = model_spec or ModelSpec.from_dict(meta["model"])
+    ispec = input_spec or InputSpec.from_dict(meta["input_spec"])
+    if expect_num_classes is not None and spec.num_classes != expect_num_classes:
+        raise CheckpointError(
+            f"Checkpoint {path} is a {spec.num_classes}-class model but {expect_num_classes} "
+            "classes were expected (different dataset?)."
+        )
+    model = build_model(spec)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = "; ".join(str(exc).splitlines()[:3])
+        raise CheckpointError(
+            f"Checkpoint {path} does not match architecture {spec.name!r} with "
+            f"{spec.num_classes} classes: {first}"
+        ) from exc
+    model.eval()
+    return Checkpoint(model=model, model_spec=spec, input_spec=ispec, meta=meta, path=path)

@@ -1,0 +1,395 @@
+"""The ``scar`` command: thin wrappers over the library.
+
+Results go to stdout, logs and progress bars to stderr. Any :class:`~scar.errors.ScarError`
+becomes a one-line ``error:`` message and exit code 2 (never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from scar.errors import ConfigError, ScarError
+
+log = logging.getLogger("scar")
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    def deco(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------- shared argument groups
+def parse_sets(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``--set key=value`` pairs → dict (values stay strings; consumers coerce and validate)."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value; got {pair!r}.")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out
+
+
+def add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist"):
+    p.add_argument("--dataset", default=dataset_default,
+                   help="dataset name (see `scar list datasets`); imagefolder:<path> for your own")
+    p.add_argument("--data-dir", default=None,
+                   help="where the dataset lives (else $SCAR_DATA_DIR, then system locations)")
+    p.add_argument("--download", action="store_true",
+                   help="allow downloading the dataset if it is not found locally")
+
+
+def add_forget_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--forget-class", type=int, nargs="+", metavar="K",
+                   help="class removal (CR): remove these class ids")
+    g.add_argument("--forget-indices", metavar="FILE",
+                   help="random removal (HR): train-set indices file from `scar forget-set sample`")
+    g.add_argument("--forget-fraction", type=float, metavar="F",
+                   help="random removal (HR): sample this fraction of the training set")
+    g.add_argument("--forget-count", type=int, metavar="N",
+                   help="random removal (HR): sample this many training images")
+    p.add_argument("--forget-seed", type=int, default=0, help="seed for sampled forget sets")
+
+
+def forget_spec_from_args(args: argparse.Namespace):
+    from scar.data.forget import ForgetSpec
+
+    if args.forget_class:
+        return ForgetSpec.for_classes(args.forget_class)
+    if args.forget_indices:
+        return ForgetSpec.from_file(args.forget_indices)
+    if args.forget_fraction is not None:
+        return ForgetSpec.random(fraction=args.forget_fraction, seed=args.forget_seed)
+    if args.forget_count is not None:
+        return ForgetSpec.random(count=args.forget_count, seed=args.forget_seed)
+    return None
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+
+
+# ---------------------------------------------------------------- commands
+@command("list")
+def cmd_list(args: argparse.Namespace) -> int:
+    registries = _registries()
+    for kind in [args.what] if args.what else sorted(registries):
+        reg = registries[kind]
+        print(f"{kind}:")
+        for name in reg.names():
+            extra = reg.help(name)
+            print(f"  {name:<22} {extra}".rstrip())
+    return 0
+
+
+def _registries() -> dict:
+    from scar.data.datasets import DATASETS
+    from scar.data.surrogates import SURROGATES
+    from scar.models import MODELS
+    from scar.training.recipes import RECIPES
+
+    regs = {"datasets": DATASETS, "models": MODELS, "surrogates": SURROGATES, "recipes": RECIPES}
+    try:
+        from scar.methods import METHODS
+
+        regs["methods"] = METHODS
+    except ImportError:  # methods package not present yet
+        pass
+    return regs
+
+
+@command("train")
+def cmd_train(args: argparse.Namespace) -> int:
+    from scar.checkpoint import load_checkpoint
+    from scar.training.workflow import TrainJob, run_train_job
+
+    forget = forget_spec_from_args(args)
+    overrides = parse_sets(args.set)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    job = TrainJob(dataset=args.dataset, model=args.model, forget=forget,
+                   recipe_overrides=overrides, seed=args.seed, head=args.head)
+    out = Path(args.out) if args.out else Path("checkpoints") / default_name(job)
+    path = run_train_job(job, out, device=args.device, data_dir=args.data_dir,
+                         download=args.download, amp=not args.no_amp, progress=not args.quiet)
+    ck = load_checkpoint(path)
+    acc = ck.meta.get("test_acc")
+    split = ck.meta.get("test_acc_split", "test")
+    print(f"{job.role} checkpoint: {path}")
+    print(f"model {ck.model_spec.name} on {args.dataset}: {split} accuracy "
+          f"{100 * acc:.2f}% after {ck.meta['train_seconds']:.1f}s on {ck.meta['device_name']}")
+    return 0
+
+
+def forget_tag(spec) -> str:
+    """Short file-name tag of a forget spec: cr3, cr3-5, hr0.1-s0, idx-<file stem>."""
+    if spec.kind == "class":
+        return "cr" + "-".join(map(str, spec.classes))
+    if spec.kind == "random":
+        amount = spec.count if spec.count is not None else spec.fraction
+        return f"hr{amount}-s{spec.seed}"
+    return "idx-" + Path(spec.indices_file).stem
+
+
+def default_name(job) -> str:
+    tag = "original" if job.forget is None else f"oracle-{forget_tag(job.forget)}"
+    model = job.model or "default"
+    dataset = job.dataset.replace(":", "_").replace("/", "_")
+    return f"{dataset}_{model}_{tag}_s{job.seed}.safetensors"
+
+
+@command("forget-set")
+def cmd_forget_set(args: argparse.Namespace) -> int:
+    from scar.data.datasets import load_dataset
+    from scar.data.forget import sample_forget_indices, save_indices
+
+    bundle = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download)
+    n = len(bundle.train)
+    idx = sample_forget_indices(n, count=args.count, fraction=args.fraction, seed=args.seed)
+    save_indices(args.out, idx, {"dataset": args.dataset, "seed": args.seed, "num_train": n})
+    print(f"wrote {len(idx)} of {n} training indices (seed {args.seed}) to {args.out}")
+    return 0
+
+
+@command("surrogate")
+def cmd_surrogate(args: argparse.Namespace) -> int:
+    from scar.data.surrogates import build_surrogate_subset
+
+    summary = build_surrogate_subset(Path(args.src), Path(args.out), per_class=args.per_class,
+                                     seed=args.seed)
+    print(f"wrote {summary['images']} images of {summary['classes']} classes to {args.out}")
+    return 0
+
+
+@command("unlearn")
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from scar.checkpoint import load_checkpoint
+    from scar.data.datasets import load_dataset
+    from scar.data.forget import make_splits
+    from scar.evaluation.audit import audit_models
+    from scar.experiments import unlearn as ul
+    from scar.methods import build_method
+    from scar.utils import resolve_device
+
+    ck = load_checkpoint(args.checkpoint)
+    bundle = load_dataset(args.dataset or ck.dataset, data_dir=args.data_dir,
+                          download=args.download)
+    ul.check_dataset_matches(ck, bundle)
+    spec = forget_spec_from_args(args)
+    splits = make_splits(bundle, spec)
+    method = build_method(args.method, **parse_sets(args.set))
+    device = resolve_device(args.device)
+    surrogate = None
+    if "surrogate" in method.uses():
+        surrogate = ul.load_surrogate_for(ck, args.surrogate, args.surrogate_n, args.seed,
+                                          args.data_dir)
+    data = ul.build_unlearn_data(ck, bundle, splits, surrogate=surrogate, device=device,
+                                 seed=args.seed, progress=not args.quiet)
+    outcome = ul.run_unlearning(ck, method, data)
+    results, _ = audit_models({"original": ck.model, "unlearned": outcome.model}, splits,
+                              ck.input_spec, data.scenario, device=device, mia=args.mia)
+    out = ul.save_unlearned(Path(args.out), outcome, ck, splits, data, results["unlearned"])
+    print(f"{method.name} on {splits.spec.describe()}: {outcome.seconds:.1f}s on "
+          f"{data.device} ({outcome.info.get('stop_reason_', 'done')})")
+    print(f"data access: {outcome.profile}")
+    print(format_summary(results, data.scenario))
+    print(f"unlearned checkpoint: {out}")
+    return 0
+
+
+SUMMARY_COLUMNS = {
+    "CR": ["acc/train_forget", "acc/test_forget", "acc/test_retain", "mia/auc", "aus"],
+    "HR": ["acc/train_forget", "acc/train_retain", "acc/test", "mia/auc", "aus"],
+}
+
+
+def format_summary(results: dict, scenario: str) -> str:
+    """A small plain-text table: one row per model, accuracies in percent."""
+    cols = [c for c in SUMMARY_COLUMNS[scenario] if any(c in r for r in results.values())]
+    head = f"{'model':<18}" + "".join(f"{c:>18}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            if v is None:
+                cells.append(f"{'-':>18}")
+            elif c.startswith("acc/"):
+                cells.append(f"{100 * v:>17.2f}%")
+            else:
+                cells.append(f"{v:>18.3f}")
+        lines.append(f"{name:<18}" + "".join(cells))
+    return "\n".join(lines)
+
+
+@command("evaluate")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from scar.checkpoint import load_checkpoint
+    from scar.data.datasets import load_dataset
+    from scar.data.forget import ForgetSpec, make_splits
+    from scar.evaluation.audit import audit_models, mia_note
+    from scar.utils import atomic_write_json, resolve_device
+
+    ck = load_checkpoint(args.checkpoint)
+    spec = forget_spec_from_args(args)
+    if spec is None:
+        if not ck.meta.get("forget"):
+            raise ConfigError(
+                "no forget request given and the checkpoint records none: pass --forget-class, "
+                "--forget-indices, --forget-fraction or --forget-count."
+            )
+        spec = ForgetSpec.from_dict(ck.meta["forget"])
+    bundle = load_dataset(args.dataset or ck.dataset, data_dir=args.data_dir,
+                          download=args.download)
+    splits = make_splits(bundle, spec)
+    models = {}
+    original_path = args.original or ck.meta.get("parent")
+    if original_path:
+        models["original"] = load_checkpoint(original_path).model
+    else:
+        models["original"] = ck.model
+    if args.oracle:
+        models["retrain"] = load_checkpoint(args.oracle).model
+    models["evaluated"] = ck.model
+    scenario = "CR" if spec.kind == "class" else "HR"
+    results, _ = audit_models(models, splits, ck.input_spec, scenario,
+                              device=resolve_device(args.device), mia=not args.no_mia,
+                              mia_variant=args.mia_variant)
+    report = {"checkpoint": str(args.checkpoint), "forget": spec.to_dict(),
+              "scenario": scenario, "results": results, "mia_note": mia_note(results),
+              "access": ck.meta.get("access"), "unlearn_seconds": ck.meta.get("unlearn_seconds"),
+              "device_name": ck.meta.get("device_name")}
+    print(format_summary(results, scenario))
+    if report["mia_note"]:
+        print(report["mia_note"])
+    if ck.meta.get("access"):
+        print(f"data access: {ck.meta['access']['profile']}")
+    if args.out:
+        atomic_write_json(args.out, report)
+        print(f"wrote {args.out}")
+    else:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scar",
+        description="SCAR: retain-free machine unlearning for image classifiers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("list", help="list registered datasets, models, methods, surrogates")
+    p.add_argument("what", nargs="?", choices=["datasets", "models", "methods", "surrogates",
+                                                "recipes"])
+
+    p = sub.add_parser("train", help="train the original model, or the oracle with a forget spec")
+    add_data_args(p)
+    p.add_argument("--model", default=None,
+                   help="architecture (see `scar list models`; default: the dataset recipe's)")
+    p.add_argument("--head", default=None, help="name of the classifier head module (override)")
+    add_forget_args(p)
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a recipe field (lr, batch_size, schedule, ...); repeatable")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="checkpoint path (.safetensors)")
+    add_device_args(p)
+
+    p = sub.add_parser("forget-set", help="forget-set tools")
+    fs = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = fs.add_parser("sample", help="sample random training indices to forget (HR) into a file")
+    add_data_args(s)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--count", type=int)
+    g.add_argument("--fraction", type=float)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="output JSON file")
+
+    p = sub.add_parser("surrogate", help="surrogate (out-of-distribution) image tools")
+    ss = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    s = ss.add_parser("build", help="copy N random images per class from an image tree")
+    s.add_argument("--from", dest="src", required=True, help="image tree <class>/<images>")
+    s.add_argument("--per-class", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+
+    p = sub.add_parser("unlearn", help="unlearn a forget request from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="original (or unlearned) checkpoint")
+    p.add_argument("--method", default="scar", help="see `scar list methods` (default scar)")
+    add_forget_args(p, required=True)
+    p.add_argument("--surrogate", default=None,
+                   help="surrogate source (see `scar list surrogates`; default per dataset)")
+    p.add_argument("--surrogate-n", type=int, default=None,
+                   help=f"number of surrogate images (default {5000})")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="method hyperparameter, e.g. --set lambda_2=5 --set stats=retain")
+    p.add_argument("--mia", action="store_true", help="also run the membership-inference attack")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors) or folder")
+    add_data_args(p, dataset_default=None)
+    add_device_args(p)
+
+    p = sub.add_parser("evaluate", help="audit a checkpoint on a forget request (JSON + table)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--original", default=None,
+                   help="original checkpoint (default: the sidecar's parent, else itself)")
+    p.add_argument("--oracle", default=None, help="retrained checkpoint to compare with")
+    add_forget_args(p)
+    p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack")
+    p.add_argument("--mia-variant", default="balanced", choices=["balanced", "reference"])
+    p.add_argument("--out", default=None, help="write the JSON report here (else stdout)")
+    add_data_args(p, dataset_default=None)
+    add_device_args(p)
+
+    for extend in EXTENSIONS:
+        extend(sub)
+    return parser
+
+
+#: Functions adding further sub-commands (kept in their own modules to keep this file short).
+EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    if not args.command:
+        parser.print_help()
+        return 1
+    try:
+        return COMMANDS[args.command](args)
+    except ScarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

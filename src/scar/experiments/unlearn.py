@@ -1,0 +1,154 @@
+"""One unlearning request end to end: checkpoint + forget spec + method → unlearned checkpoint.
+
+Shared by ``scar unlearn``, ``scar demo`` and the experiment runner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scar.checkpoint import Checkpoint, save_checkpoint
+from scar.data.base import ImageSet
+from scar.data.datasets import DatasetBundle
+from scar.data.forget import ForgetSpec, Splits
+from scar.data.surrogates import load_surrogate
+from scar.errors import ConfigError
+from scar.methods.base import Method, UnlearnData, access_profile
+from scar.methods.mahalanobis import ClassStats
+from scar.utils import device_name
+
+log = logging.getLogger(__name__)
+
+#: Default surrogate (out-of-distribution) source per dataset. The paper uses a 10k-image ImageNet
+#: subset for CIFAR/TinyImageNet (build one with `scar surrogate build`, pass imagefolder:<dir>);
+#: natural-patches works offline everywhere.
+DEFAULT_SURROGATES: dict[str, str] = {
+    "cifar10": "dataset:cifar100",
+}
+FALLBACK_SURROGATE = "natural-patches"
+DEFAULT_SURROGATE_SIZE = 5000
+
+
+def default_surrogate(dataset: str) -> str:
+    return DEFAULT_SURROGATES.get(dataset, FALLBACK_SURROGATE)
+
+
+def scenario_of(spec: ForgetSpec) -> str:
+    """CR for class removal, HR for random / index-file removal."""
+    return "CR" if spec.kind == "class" else "HR"
+
+
+def load_surrogate_for(ck: Checkpoint, name: str | None, n: int | None, seed: int,
+                       data_dir: str | Path | None = None) -> ImageSet:
+    spec = ck.input_spec
+    name = name or default_surrogate(ck.dataset)
+    return load_surrogate(name, channels=spec.channels, size=spec.size,
+                          n=n if n is not None else (DEFAULT_SURROGATE_SIZE
+                                                     if name != "digits" else None),
+                          seed=seed, data_dir=data_dir, exclude_dataset=ck.dataset)
+
+
+def stored_stats(ck: Checkpoint) -> ClassStats | None:
+    path = ck.stats_path()
+    if path is None or not path.exists():
+        return None
+    return ClassStats.load(path)
+
+
+def removed_so_far(ck: Checkpoint) -> tuple[int, ...]:
+    """Classes already removed by earlier requests on this checkpoint (second deletion request)."""
+    return tuple(ck.meta.get("removed_classes") or ())
+
+
+def build_unlearn_data(ck: Checkpoint, bundle: DatasetBundle, splits: Splits, *,
+                       surrogate: ImageSet | None, device: torch.device | str = "cpu",
+                       seed: int = 0, progress: bool = False) -> UnlearnData:
+    scenario = scenario_of(splits.spec)
+    removed = tuple(sorted(set(splits.removed_classes) | set(removed_so_far(ck))))
+    return UnlearnData(
+        input_spec=ck.input_spec,
+        num_classes=bundle.info.num_classes,
+        scenario=scenario,
+        removed_classes=removed if scenario == "CR" else (),
+        forget=splits.train_forget,
+        retain=splits.train_retain,
+        surrogate=surrogate,
+        stats=stored_stats(ck),
+        original_test_acc=ck.meta.get("test_acc"),
+        device=device,
+        seed=seed,
+        head=ck.model_spec.head,
+        progress=progress,
+    )
+
+
+@dataclass
+class UnlearnOutcome:
+    model: nn.Module
+    method: Method
+    seconds: float
+    touched: dict[str, int]
+    profile: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def run_unlearning(ck: Checkpoint, method: Method, data: UnlearnData) -> UnlearnOutcome:
+    """Unlearn (timed: statistics and teacher passes included, evaluation excluded)."""
+    model = method.unlearn(ck.model, data)
+    info = {k: getattr(method, k) for k in ("stop_reason_", "steps_", "full_checks_")
+            if hasattr(method, k)}
+    return UnlearnOutcome(model=model.cpu(), method=method, seconds=method.seconds_,
+                          touched=method.access_, profile=access_profile(method, method.access_),
+                          info=info)
+
+
+def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, splits: Splits,
+                   data: UnlearnData, metrics: dict[str, Any] | None = None) -> Path:
+    """Write the unlearned checkpoint; its sidecar records the parent, method, hyperparameters,
+    data-access profile and time, so it can itself be unlearned again."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / "unlearned.safetensors" if path.suffix == "" else path.with_suffix(
+            ".safetensors")
+    stats = ck.stats_path()
+    meta = {
+        "role": "unlearned",
+        "dataset": ck.dataset,
+        "parent": str(ck.path) if ck.path else None,
+        "method": outcome.method.name,
+        "hparams": outcome.method.hparams(),
+        "forget": splits.spec.to_dict(),
+        "scenario": data.scenario,
+        "removed_classes": list(data.removed_classes),
+        "access": {"required": sorted(outcome.method.required_data()),
+                   "images_loaded": outcome.touched, "profile": outcome.profile},
+        "unlearn_seconds": outcome.seconds,
+        "unlearn_info": outcome.info,
+        "device": str(data.device),
+        "device_name": device_name(data.device),
+        "seed": data.seed,
+        # The reference accuracy for a later HR request on this checkpoint.
+        "test_acc": (metrics or {}).get("acc/test", ck.meta.get("test_acc")),
+        "metrics": metrics or {},
+        "stats": os.path.relpath(stats, path.parent) if stats and stats.exists() else None,
+    }
+    return save_checkpoint(path, outcome.model, ck.model_spec, ck.input_spec, meta)
+
+
+def check_dataset_matches(ck: Checkpoint, bundle: DatasetBundle) -> None:
+    info = bundle.info
+    if ck.model_spec.num_classes != info.num_classes or ck.input_spec.size != \
+            info.input_spec.size or ck.input_spec.channels != info.input_spec.channels:
+        raise ConfigError(
+            f"checkpoint expects {ck.model_spec.num_classes} classes of "
+            f"{ck.input_spec.channels}x{ck.input_spec.size}px images but dataset {info.name!r} "
+            f"has {info.num_classes} classes of {info.input_spec.channels}x"
+            f"{info.input_spec.size}px."
+        )

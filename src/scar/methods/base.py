@@ -1,0 +1,278 @@
+"""The method contract shared by every unlearning method.
+
+A method is a keyword-only dataclass of hyperparameters, validated at construction, registered in
+:data:`METHODS` under a snake_case name and called as ``method.unlearn(model, data)``, which returns
+a NEW model (the input is never mutated). After a call, ``method.history_`` holds one dict per
+optimisation step and ``method.access_`` the data the call actually touched.
+
+Each method declares its *data-access profile*: ``requires`` (what must be present) and
+``may_use`` (what it can read, depending on options). :func:`access_profile` turns this into the
+line every report prints — the honest answer to "is it retain-free?".
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from scar.data.base import BatchLoader, ImageSet, InputSpec, SubsetImages
+from scar.errors import ConfigError, MissingRequirementError, check_choice
+from scar.registry import Registry
+
+log = logging.getLogger(__name__)
+
+#: Names of the data a method can touch (keys of the access profile).
+DATA_KINDS = ("forget", "retain", "surrogate", "stats")
+SCENARIOS = ("CR", "HR")
+
+
+class TrackedImages(ImageSet):
+    """An ImageSet that records how many images were loaded from it (for the access audit)."""
+
+    def __init__(self, inner: ImageSet, kind: str):
+        self.inner = inner
+        self.kind = kind
+        self.labels = inner.labels
+        self.channels = inner.channels
+        self.size = inner.size
+        self.loaded = 0
+
+    def load(self, idx: torch.Tensor) -> torch.Tensor:
+        self.loaded += int(idx.numel())
+        return self.inner.load(idx)
+
+    def subset(self, idx, labels: torch.Tensor | None = None) -> ImageSet:
+        """A view whose loads are still counted here."""
+        return SubsetImages(self, torch.as_tensor(idx, dtype=torch.long), labels)
+
+
+@dataclass
+class UnlearnData:
+    """What an unlearning call may see. Unavailable parts are ``None``.
+
+    ``original_test_acc`` is the original model's test accuracy (HR stopping rule); it comes
+    from the original checkpoint's sidecar, not from test images.
+    ``stats`` are class statistics recorded at training time (``stored`` source).
+    """
+
+    input_spec: InputSpec
+    num_classes: int
+    scenario: str
+    removed_classes: tuple[int, ...] = ()
+    forget: ImageSet | None = None
+    retain: ImageSet | None = None
+    surrogate: ImageSet | None = None
+    stats: Any = None  # scar.methods.mahalanobis.ClassStats
+    original_test_acc: float | None = None
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    head: str | None = None
+    progress: bool = False
+    _tracked: dict[str, TrackedImages] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        check_choice("scenario", self.scenario, SCENARIOS)
+        self.device = torch.device(self.device)
+        bad = [c for c in self.removed_classes if not 0 <= c < self.num_classes]
+        if bad:
+            raise ConfigError(
+                f"removed classes {bad} are outside 0..{self.num_classes - 1}."
+            )
+        if self.scenario == "CR" and not self.removed_classes:
+            raise ConfigError("class removal (CR) needs at least one removed class.")
+        for kind in ("forget", "retain", "surrogate"):
+            data = getattr(self, kind)
+            if data is not None and not isinstance(data, TrackedImages):
+                tracked = TrackedImages(data, kind)
+                setattr(self, kind, tracked)
+                self._tracked[kind] = tracked
+
+    def touched(self) -> dict[str, int]:
+        """Number of images loaded from each source so far (0 = never touched)."""
+        return {k: t.loaded for k, t in self._tracked.items()}
+
+    def kept_classes(self) -> list[int]:
+        return [c for c in range(self.num_classes) if c not in set(self.removed_classes)]
+
+    def loader(self, kind: str | ImageSet, batch_size: int, *, shuffle: bool = True,
+               seed_offset: int = 0, **kw) -> BatchLoader:
+        """Batches of ``kind`` ("forget", "retain", "surrogate") or of any ImageSet."""
+        data = getattr(self, kind) if isinstance(kind, str) else kind
+        if data is None:
+            raise MissingRequirementError(f"no {kind} data was provided.")
+        return BatchLoader(data, self.input_spec, batch_size=batch_size, shuffle=shuffle,
+                           device=self.device, seed=self.seed + seed_offset, **kw)
+
+
+@dataclass(kw_only=True)
+class Method:
+    """Base class: subclasses are kw-only dataclasses of hyperparameters."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[frozenset[str]] = frozenset()
+    may_use: ClassVar[frozenset[str]] = frozenset()
+    scenarios: ClassVar[tuple[str, ...]] = SCENARIOS
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError for a bad hyperparameter (override; call check_* helpers)."""
+
+    # -- public API ---------------------------------------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+    def required_data(self) -> frozenset[str]:
+        """What this configured method needs (override when it depends on hyperparameters)."""
+        return self.requires
+
+    def uses(self) -> frozenset[str]:
+        """The data this configured method may read."""
+        return self.required_data() | self.may_use
+
+    def unlearn(self, model: nn.Module, data: UnlearnData) -> nn.Module:
+        if data.scenario not in self.scenarios:
+            raise ConfigError(
+                f"method {self.name!r} supports scenarios {list(self.scenarios)}; "
+                f"got {data.scenario!r}."
+            )
+        self.check_requirements(data)
+        new = copy.deepcopy(model).to(data.device)
+        original = copy.deepcopy(model).to(data.device).eval()
+        for p in original.parameters():
+            p.requires_grad_(False)
+        self.history_: list[dict[str, float]] = []
+        start = time.perf_counter()
+        new = self._unlearn(new, original, data) or new
+        if data.device.type == "cuda":
+            torch.cuda.synchronize(data.device)
+        self.seconds_ = time.perf_counter() - start
+        self.access_ = data.touched()
+        new.eval()
+        return new
+
+    def check_requirements(self, data: UnlearnData) -> None:
+        needed = self.required_data()
+        missing = [k for k in sorted(needed) if getattr(data, k) is None]
+        empty = [k for k in sorted(needed - {"stats"})
+                 if getattr(data, k) is not None and len(getattr(data, k)) == 0]
+        if missing or empty:
+            parts = [f"missing: {', '.join(missing)}"] if missing else []
+            parts += [f"empty: {', '.join(empty)}"] if empty else []
+            raise MissingRequirementError(
+                f"method {self.name!r} (as configured) requires "
+                f"{', '.join(sorted(needed))} data; {'; '.join(parts)}."
+            )
+
+    def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData):
+        raise NotImplementedError
+
+    def record(self, **values: float) -> None:
+        self.history_.append({k: float(v) for k, v in values.items()})
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: register a method under its ``name``."""
+    doc = (cls.__doc__ or "").strip().split("\n")[0]
+    METHODS.register(cls.name, doc)(cls)
+    return cls
+
+
+def build_method(name: str, **hparams: Any) -> Method:
+    """Instantiate a registered method; unknown hyperparameters → ConfigError listing allowed."""
+    cls = METHODS.get(name)
+    allowed = {f.name: f for f in fields(cls) if f.init}
+    unknown = sorted(set(hparams) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"method {name!r} has no hyperparameter {', '.join(map(repr, unknown))}. "
+            f"Allowed: {', '.join(sorted(allowed)) or '(none)'}."
+        )
+    from scar.training.recipes import coerce
+
+    clean = {}
+    for k, v in hparams.items():
+        default = getattr(cls, k, None) if not callable(getattr(cls, k, None)) else None
+        clean[k] = coerce(k, v, default) if default is not None else v
+    return cls(**clean)
+
+
+def access_profile(method: Method, touched: dict[str, int] | None = None) -> str:
+    """One line: what the method requires / may read / actually read, and whether it is retain-free.
+    """
+    uses = method.uses()
+    words = [f"requires: {', '.join(sorted(method.required_data())) or '-'}",
+             f"reads: {', '.join(sorted(uses)) or '-'}"]
+    if touched is not None:
+        seen = [f"{k}={v}" for k, v in sorted(touched.items()) if v]
+        words.append(f"images loaded: {', '.join(seen) or 'none'}")
+        retain_free = touched.get("retain", 0) == 0
+    else:
+        retain_free = "retain" not in uses
+    words.append("retain-free: " + ("yes" if retain_free else "no"))
+    return "; ".join(words)
+
+
+# ---------------------------------------------------------------- shared loop helpers
+def cycle(loader: BatchLoader) -> Iterator:
+    """Endless iteration over a loader (each pass reshuffles with the next seed)."""
+    while True:
+        yielded = False
+        for batch in loader:
+            yielded = True
+            yield batch
+        if not yielded:
+            raise ConfigError("cannot cycle over an empty data source.")
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: BatchLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, labels) of ``model`` over a loader, in eval mode; restores the mode."""
+    was = model.training
+    model.eval()
+    preds, labels = [], []
+    for b in loader:
+        preds.append(model(b.x).argmax(1))
+        labels.append(b.y)
+    model.train(was)
+    if not preds:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    return torch.cat(preds), torch.cat(labels)
+
+
+def accuracy_on(model: nn.Module, loader: BatchLoader) -> float:
+    p, y = predict(model, loader)
+    return float((p == y).float().mean()) if len(y) else float("nan")
+
+
+def set_bn_train(model: nn.Module, train_bn: bool) -> None:
+    """Model in train mode, with BatchNorm layers in train (reference) or eval mode."""
+    model.train()
+    if not train_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def stop_target(data: UnlearnData, hr_margin: float = 0.015) -> float:
+    """Forget-accuracy target of the stopping rule (spec §5): CR < 0.01; HR < A_test − 0.015."""
+    if data.scenario == "CR":
+        return 0.01
+    if data.original_test_acc is None:
+        raise MissingRequirementError(
+            "random removal (HR) stops when forget accuracy falls below the original model's test "
+            "accuracy minus 0.015: pass original_test_acc (it is in the original checkpoint's "
+            "sidecar)."
+        )
+    return data.original_test_acc - hr_margin

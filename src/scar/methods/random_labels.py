@@ -1,0 +1,80 @@
+"""Random labels: cross-entropy on the forget set towards random wrong labels (spec §8).
+
+Retain-free: it reads only the forget set. Every step draws fresh labels (as the reference does)
+from a generator seeded with ``data.seed``:
+
+- class removal (CR): uniformly among the *kept* classes (the removed classes are what we want the
+  model to stop predicting);
+- random removal (HR): uniformly among all classes *except the sample's true label*. The
+  reference draws from all classes, so about 1/C of its "random" targets are the true label and
+  push the wrong way; excluding it is the intended behaviour.
+
+Optimiser, schedule and stopping rule as :mod:`scar.methods.negative_gradient`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from scar.data.base import Batch
+from scar.errors import ConfigError, check_choice, check_range
+from scar.methods import _loops
+from scar.methods.base import Method, UnlearnData, register
+
+
+def random_targets(labels: Tensor, data: UnlearnData, generator: torch.Generator) -> Tensor:
+    """Random labels for a batch: kept classes (CR) or any class but the true one (HR)."""
+    n = labels.numel()
+    if data.scenario == "CR":
+        kept = torch.tensor(data.kept_classes(), dtype=torch.long)
+        picks = kept[torch.randint(len(kept), (n,), generator=generator)]
+        return picks.to(labels.device)
+    # Draw from C − 1 values and skip over the true label: uniform over the wrong classes.
+    r = torch.randint(data.num_classes - 1, (n,), generator=generator).to(labels.device)
+    return r + (r >= labels).long()
+
+
+@register
+@dataclass(kw_only=True)
+class RandomLabels(Method):
+    """Cross-entropy on the forget set with random labels (kept classes in CR); stops at target."""
+
+    name = "random_labels"
+    requires = frozenset({"forget"})
+
+    lr: float = 0.01
+    optimizer: str = "sgd"  # reference: SGD with momentum
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    epochs: int = 30  # an upper bound: the stopping rule usually ends the run much earlier
+    batch_size: int = 256
+    milestones: tuple[int, ...] = (25, 40)
+
+    def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_inclusive=False)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_range("momentum", self.momentum, 0, 1, high_inclusive=False)
+        check_range("weight_decay", self.weight_decay, 0)
+        _loops.check_count("epochs", self.epochs)
+        _loops.check_count("batch_size", self.batch_size)
+        _loops.check_milestones(self.milestones)
+
+    def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
+        if data.num_classes < 2 or not data.kept_classes():
+            raise ConfigError("random_labels needs at least one class that is not removed.")
+        with _loops.seeded(data) as gen:
+            def step(batch: Batch, _k: int) -> _loops.StepOut:
+                logits = model(batch.x)
+                loss = F.cross_entropy(logits, random_targets(batch.y, data, gen))
+                return _loops.StepOut(loss, logits, {"ce_random": float(loss.detach())})
+
+            opt = _loops.make_optimizer(self.optimizer, model.parameters(), self.lr,
+                                        self.momentum, self.weight_decay)
+            _loops.run_until_forgotten(self, model, data, step, optimizer=opt,
+                                       epochs=self.epochs, batch_size=self.batch_size,
+                                       milestones=self.milestones)
+        return model

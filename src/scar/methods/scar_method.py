@@ -1,0 +1,340 @@
+"""SCAR: Selective-distillation for Class and Architecture-agnostic unleaRning (spec §1–§5).
+
+Two forces act on a copy of the original model, without the retain set:
+
+* metric forgetting, L_M = λ1·mean d_{Q*(x)}(x): forget features are pulled to the nearest *wrong*
+  class under a shrunk, correlation-normalised Mahalanobis distance (``mahalanobis.py``);
+* distillation, L_TD = λ2·D(teacher(x_s)/T ‖ student(x_s)) on out-of-distribution surrogate images.
+
+Defaults follow the reference code (spec §7). Where the reference is slow or wrong we differ, and
+say so: the nearest wrong class is kept per *sample* with positions mapped to class ids; the
+distance is one batched contraction; the stopping rule does not re-evaluate the whole forget set
+after every step (see ``stop_check``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from scar.data.base import BatchLoader, ImageSet
+from scar.errors import ConfigError, check_choice, check_range
+from scar.methods.base import (
+    Method,
+    UnlearnData,
+    accuracy_on,
+    cycle,
+    register,
+    set_bn_train,
+    stop_target,
+)
+from scar.methods.mahalanobis import ClassStats, MahalanobisHead
+from scar.methods.statistics import class_statistics
+from scar.models.adapter import FeatureModel
+
+log = logging.getLogger(__name__)
+
+STATS_SOURCES = ("stored", "retain", "surrogate")
+DIVERGENCES = ("kl", "js")
+STOP_CHECKS = ("auto", "epoch", "step")
+
+
+# ---------------------------------------------------------------- pure loss pieces
+def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) ‖ softmax(s)), batch mean; only the teacher is divided by T (reference)."""
+    log_p = F.log_softmax(teacher_logits / temperature, dim=1)
+    log_q = F.log_softmax(student_logits, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def js_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
+                  temperature: float) -> torch.Tensor:
+    """Jensen–Shannon divergence (the paper's text), batch mean."""
+    p = F.softmax(teacher_logits / temperature, dim=1)
+    q = F.softmax(student_logits, dim=1)
+    log_m = (0.5 * (p + q)).clamp_min(1e-12).log()
+    kl_pm = (p * (p.clamp_min(1e-12).log() - log_m)).sum(1)
+    kl_qm = (q * (q.clamp_min(1e-12).log() - log_m)).sum(1)
+    return (0.5 * (kl_pm + kl_qm)).mean()
+
+
+DIVERGENCE_FNS = {"kl": kl_divergence, "js": js_divergence}
+
+
+def mask_teacher_cr(teacher_logits: torch.Tensor, removed: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CR teacher target (spec §4): drop samples the teacher assigns to a removed class; in the
+    rest set the removed classes' logits to the batch's minimum teacher logit.
+
+    Returns (masked logits of the kept samples, boolean keep mask over the batch).
+    """
+    keep = ~torch.isin(teacher_logits.argmax(1), removed)
+    t = teacher_logits[keep].clone()
+    if t.numel():
+        t[:, removed] = teacher_logits.min()
+    return t, keep
+
+
+def balanced_weights(predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """HR surrogate sampler weights: 1/count of the teacher's predicted class; classes with fewer
+    than 3 samples count as 5 (reference), which damps a handful of outliers."""
+    counts = torch.bincount(predicted, minlength=num_classes).double()
+    counts = torch.where(counts < 3, torch.full_like(counts, 5.0), counts)
+    return 1.0 / counts[predicted]
+
+
+def hr_gate_weights(class_acc: torch.Tensor, threshold: float) -> torch.Tensor:
+    """HR gating (spec §4): classes whose forget accuracy is below θ contribute nothing more to
+    L_M; the others are weighted by their current forget accuracy."""
+    return torch.where(class_acc < threshold, torch.zeros_like(class_acc), class_acc)
+
+
+# ---------------------------------------------------------------- the method
+@register
+@dataclass(kw_only=True)
+class SCAR(Method):
+    """SCAR: Mahalanobis metric forgetting + distillation on surrogate images (no retain set)."""
+
+    name: ClassVar[str] = "scar"
+    requires: ClassVar[frozenset[str]] = frozenset({"forget", "surrogate"})
+
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    epochs: int = 30
+    batch_size: int = 1024
+    surrogate_batch_size: int | None = None  # None → batch_size
+    lambda_1: float = 1.0
+    lambda_2: float = 5.0
+    temperature: float = 1.0
+    delta: float = 0.5
+    gamma_1: float = 3.0
+    gamma_2: float = 3.0
+    shrink_times: int = 2  # the reference applies the shrinkage twice; 1 = the paper's text
+    tukey_mode: str = "signed"  # sign(f)|f|^δ for negative features (ViT); same as f^δ if f ≥ 0
+    surrogate_steps: int = 5  # 90 for TinyImageNet in the reference
+    hr_gate: float = 0.8  # 0.4 for TinyImageNet in the reference
+    divergence: str = "kl"
+    stats: str = "stored"
+    bn_train: bool = True  # BatchNorm in train mode during unlearning (reference behaviour)
+    stop_check: str = "auto"
+    stop_from_epoch: int = 0  # the reference only stops from epoch 2 on (0-based)
+    hr_margin: float = 0.015
+
+    def validate(self) -> None:
+        check_range("lr", self.lr, 0, low_inclusive=False)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("epochs", self.epochs, 1)
+        check_range("batch_size", self.batch_size, 1)
+        if self.surrogate_batch_size is not None:
+            check_range("surrogate_batch_size", self.surrogate_batch_size, 1)
+        check_range("lambda_1", self.lambda_1, 0)
+        check_range("lambda_2", self.lambda_2, 0)
+        check_range("temperature", self.temperature, 0, low_inclusive=False)
+        check_range("delta", self.delta, 0, low_inclusive=False)
+        check_range("gamma_1", self.gamma_1, 0)
+        check_range("gamma_2", self.gamma_2, 0)
+        check_range("shrink_times", self.shrink_times, 0)
+        check_range("surrogate_steps", self.surrogate_steps, 1)
+        check_range("hr_gate", self.hr_gate, 0, 1)
+        check_range("stop_from_epoch", self.stop_from_epoch, 0)
+        check_range("hr_margin", self.hr_margin, 0, 1)
+        check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("stats", self.stats, STATS_SOURCES)
+        check_choice("stop_check", self.stop_check, STOP_CHECKS)
+        check_choice("tukey_mode", self.tukey_mode, ("signed", "clamp"))
+
+    def required_data(self) -> frozenset[str]:
+        extra = {"stored": {"stats"}, "retain": {"retain"}, "surrogate": set()}[self.stats]
+        return self.requires | extra
+
+    # -- pieces ---------------------------------------------------------------------------
+    def class_stats(self, original: FeatureModel, data: UnlearnData) -> ClassStats:
+        """Statistics of the kept classes from the configured source (spec §1)."""
+        kw = dict(num_classes=data.num_classes, delta=self.delta, tukey_mode=self.tukey_mode,
+                  device=data.device, batch_size=self.batch_size)
+        if self.stats == "stored":
+            stats = data.stats
+            if abs(stats.delta - self.delta) > 1e-12:
+                raise ConfigError(
+                    f"stored statistics were recorded with delta={stats.delta}, but delta="
+                    f"{self.delta} was requested; use stats=retain or stats=surrogate to "
+                    "recompute them with another delta."
+                )
+        elif self.stats == "retain":
+            stats = class_statistics(original, data.retain, data.input_spec, by="labels", **kw)
+        else:
+            stats = class_statistics(original, data.surrogate, data.input_spec, by="predictions",
+                                     **kw)
+        kept = [c for c in data.kept_classes() if c in set(stats.classes.tolist())]
+        missing = sorted(set(data.kept_classes()) - set(kept))
+        if missing:
+            log.warning("no %s statistics for kept classes %s: they cannot be targets",
+                        self.stats, missing)
+        if len(kept) < 1:
+            raise ConfigError(
+                f"no kept class has {self.stats} statistics; SCAR needs at least one target class."
+            )
+        return stats.subset(kept)
+
+    def build_head(self, stats: ClassStats, device: torch.device) -> MahalanobisHead:
+        head = MahalanobisHead(stats, gamma1=self.gamma_1, gamma2=self.gamma_2,
+                               shrink_times=self.shrink_times, delta=self.delta,
+                               tukey_mode=self.tukey_mode)
+        return head.to(device=device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def assign_targets(self, student: FeatureModel, head: MahalanobisHead,
+                       loader: BatchLoader, n: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample nearest wrong class Q*(x) (fixed for the run) and initial correctness.
+
+        Uses the model before the first update, in eval mode.
+        """
+        was = student.training
+        student.eval()
+        targets = torch.full((n,), -1, dtype=torch.long, device=device)
+        correct = torch.zeros(n, dtype=torch.bool, device=device)
+        for b in loader:
+            feats, logits = student(b.x)
+            targets[b.idx] = head.nearest_wrong_class(feats, b.y)
+            correct[b.idx] = logits.argmax(1) == b.y
+        student.train(was)
+        return targets, correct
+
+    def surrogate_source(self, original: nn.Module, data: UnlearnData, surrogate: ImageSet):
+        """(batches, teacher-target fn): CR masks the teacher per batch; HR precomputes teacher
+        logits once and samples surrogate images balanced on the teacher's predicted class."""
+        sbs = self.surrogate_batch_size or self.batch_size
+        if data.scenario == "CR":
+            removed = torch.tensor(data.removed_classes, device=data.device)
+
+            def target(batch):
+                with torch.no_grad():
+                    t = original(batch.x)
+                return mask_teacher_cr(t, removed)
+
+            return cycle(data.loader(surrogate, sbs, shuffle=True, seed_offset=1)), target
+        with torch.no_grad():
+            t_all = torch.cat([original(b.x) for b in
+                               data.loader(surrogate, sbs, shuffle=False)])
+        weights = balanced_weights(t_all.argmax(1).cpu(), data.num_classes)
+        loader = data.loader(surrogate, sbs, shuffle=False, seed_offset=1, weights=weights)
+
+        def target_hr(batch):
+            return t_all[batch.idx], torch.ones(len(batch.idx), dtype=torch.bool,
+                                                device=batch.x.device)
+
+        return cycle(loader), target_hr
+
+    def prepare(self, teacher: FeatureModel, data: UnlearnData
+                ) -> tuple[ImageSet, ImageSet, float]:
+        """(forget set, surrogate set, forget-accuracy target of the stopping rule)."""
+        return data.forget, data.surrogate, stop_target(data, self.hr_margin)
+
+    # -- the loop -------------------------------------------------------------------------
+    def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
+        torch.manual_seed(data.seed)
+        dev = data.device
+        source = data.forget if data.forget is not None else data.surrogate
+        example = next(iter(data.loader(source, 2, shuffle=False))).x
+        student = FeatureModel(model, head=data.head, example=example)
+        teacher = FeatureModel(original, head=student.head_name)
+        forget, surrogate, target_acc = self.prepare(teacher, data)
+        head = self.build_head(self.class_stats(teacher, data), dev)
+
+        forget_eval = data.loader(forget, self.batch_size, shuffle=False)
+        targets, correct = self.assign_targets(student, head, forget_eval, len(forget), dev)
+        forget_labels = forget.labels.to(dev)
+        sur_batches, teacher_target = self.surrogate_source(original, data, surrogate)
+        divergence = DIVERGENCE_FNS[self.divergence]
+        opt = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        forget_loader = data.loader(forget, self.batch_size, shuffle=True, seed_offset=2)
+
+        self.stop_reason_ = "max epochs"
+        self.full_checks_ = 0
+        steps = self.epochs * len(forget_loader) * self.surrogate_steps
+        bar = tqdm(total=steps, desc="scar", disable=not data.progress, dynamic_ncols=True,
+                   leave=False)
+        step = 0
+        stopped = False
+        for epoch in range(self.epochs):
+            for fb in forget_loader:
+                for _ in range(self.surrogate_steps):
+                    set_bn_train(model, self.bn_train)
+                    feats, logits = student(fb.x)
+                    dist = head.distance_to(feats, targets[fb.idx])
+                    weights = self.sample_weights(correct, forget_labels, fb.y, data)
+                    loss_m = self.lambda_1 * (weights * dist).mean()
+
+                    sb = next(sur_batches)
+                    t_logits, keep = teacher_target(sb)
+                    if t_logits.shape[0]:
+                        loss_td = self.lambda_2 * divergence(
+                            t_logits, model(sb.x[keep]), self.temperature)
+                    else:  # every surrogate image of this batch was a removed class
+                        loss_td = torch.zeros((), device=dev)
+                    loss = loss_m + loss_td
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    step += 1
+
+                    # The step's own (pre-update) predictions refresh the running forget
+                    # accuracy; no extra pass over the forget set.
+                    batch_correct = logits.detach().argmax(1) == fb.y
+                    correct[fb.idx] = batch_correct
+                    batch_acc = float(batch_correct.float().mean())
+                    running_acc = float(correct.float().mean())
+                    self.record(step=step, epoch=epoch, loss_m=loss_m.detach(),
+                                loss_td=loss_td.detach(), batch_forget_acc=batch_acc,
+                                running_forget_acc=running_acc)
+                    bar.update(1)
+                    bar.set_postfix(L_M=f"{float(loss_m.detach()):.3f}",
+                                    L_TD=f"{float(loss_td.detach()):.3f}",
+                                    forget=f"{running_acc:.3f}")
+                    if self.stop_check == "step" and epoch >= self.stop_from_epoch and \
+                            self.confirm_stop(model, forget_eval, target_acc):
+                        stopped = True
+                        break
+                if stopped:
+                    break
+                if self.stop_check == "auto" and epoch >= self.stop_from_epoch and \
+                        batch_acc < target_acc and \
+                        self.confirm_stop(model, forget_eval, target_acc):
+                    stopped = True
+                    break
+            if stopped:
+                break
+            if self.stop_check == "epoch" and epoch >= self.stop_from_epoch and \
+                    self.confirm_stop(model, forget_eval, target_acc):
+                break
+        bar.close()
+        self.steps_ = step
+        return model
+
+    def sample_weights(self, correct: torch.Tensor, forget_labels: torch.Tensor,
+                       y: torch.Tensor, data: UnlearnData) -> torch.Tensor:
+        """Per-sample weight of L_M: 1 in CR; the HR per-class gate otherwise."""
+        if data.scenario == "CR":
+            return torch.ones_like(y, dtype=torch.float32)
+        c = data.num_classes
+        totals = torch.bincount(forget_labels, minlength=c).clamp_min(1)
+        class_acc = torch.bincount(forget_labels, weights=correct.float(), minlength=c) / totals
+        return hr_gate_weights(class_acc, self.hr_gate)[y]
+
+    def confirm_stop(self, model: nn.Module, forget_eval: BatchLoader, target: float) -> bool:
+        """Full forget-set accuracy (eval mode) below the target → stop."""
+        self.full_checks_ += 1
+        acc = accuracy_on(model, forget_eval)
+        if acc < target:
+            self.stop_reason_ = f"forget accuracy {acc:.4f} < target {target:.4f}"
+            log.info("scar: stopping, %s", self.stop_reason_)
+            return True
+        return False

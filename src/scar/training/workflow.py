@@ -1,0 +1,95 @@
+"""Train-and-save workflows shared by the CLI and the experiment runner."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scar.checkpoint import save_checkpoint
+from scar.data.datasets import DatasetBundle, load_dataset
+from scar.data.forget import ForgetSpec, make_splits
+from scar.models.base import ModelSpec, build_model
+from scar.training.recipes import RECIPES, Recipe
+from scar.training.trainer import train_model
+from scar.utils import device_name, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainJob:
+    """Everything that defines an original (``forget=None``) or oracle training run."""
+
+    dataset: str = "fashion-mnist"
+    model: str | None = None  # None → the recipe's default architecture
+    forget: ForgetSpec | None = None
+    recipe_overrides: dict[str, Any] | None = None
+    seed: int = 0
+    head: str | None = None
+    model_kwargs: dict[str, Any] | None = None
+
+    @property
+    def role(self) -> str:
+        return "original" if self.forget is None else "oracle"
+
+
+def resolve_recipe(bundle: DatasetBundle, overrides: dict[str, Any] | None) -> Recipe:
+    return RECIPES.get(bundle.info.recipe).with_overrides(overrides or {})
+
+
+def run_train_job(
+    job: TrainJob,
+    out: str | Path,
+    *,
+    bundle: DatasetBundle | None = None,
+    device: str | torch.device = "auto",
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    amp: bool = True,
+    progress: bool = True,
+    record_stats: bool = True,
+) -> Path:
+    """Train and save a checkpoint (+ sidecar, + stored class statistics). Returns its path."""
+    bundle = bundle or load_dataset(job.dataset, data_dir=data_dir, download=download)
+    recipe = resolve_recipe(bundle, job.recipe_overrides)
+    dev = resolve_device(device)
+    info = bundle.info
+    spec = ModelSpec(name=job.model or recipe.model, num_classes=info.num_classes,
+                     channels=info.input_spec.channels, size=info.input_spec.size, head=job.head,
+                     kwargs=dict(job.model_kwargs or {}))
+    seed_everything(job.seed)
+    model = build_model(spec)
+    if job.forget is None:
+        train, test = bundle.train, bundle.test
+    else:
+        splits = make_splits(bundle, job.forget)
+        train, test = splits.train_retain, splits.test_retain
+    result = train_model(model, train, info.input_spec, recipe, test=test, device=dev,
+                         seed=job.seed, amp=amp, progress=progress,
+                         desc=f"{job.role} {spec.name}")
+    meta: dict[str, Any] = {
+        "role": job.role,
+        "dataset": job.dataset,
+        "forget": job.forget.to_dict() if job.forget else None,
+        "recipe": recipe.to_dict(),
+        "seed": job.seed,
+        "test_acc": result.test_acc,
+        "test_acc_split": "test" if job.forget is None else "test_retain",
+        "train_seconds": result.seconds,
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "history": result.history,
+    }
+    out = Path(out)
+    if record_stats:
+        from scar.methods.statistics import record_class_statistics
+
+        stats_file = out.with_suffix(".stats.safetensors")
+        record_class_statistics(result.model, spec, train, info.input_spec, stats_file,
+                                device=dev)
+        meta["stats"] = stats_file.name
+    return save_checkpoint(out, result.model.cpu(), spec, info.input_spec, meta)

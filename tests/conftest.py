@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny synthetic data and a tiny trained model (fast, offline)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scar.data.datasets import load_dataset
+from scar.data.forget import ForgetSpec, make_splits
+from scar.data.surrogates import load_surrogate
+from scar.models.base import ModelSpec, build_model
+from scar.training.recipes import Recipe
+from scar.training.trainer import train_model
+
+torch.set_num_threads(2)
+
+TINY_RECIPE = Recipe(epochs=4, batch_size=64, lr=0.05, weight_decay=0.0, schedule="constant",
+                     model="fastcnn")
+
+
+@pytest.fixture(scope="session")
+def synth():
+    """4 classes of 1x16x16 images with class-dependent patterns."""
+    return load_dataset("synthetic", num_classes=4, n_train=384, n_test=128, size=16, channels=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_spec(synth):
+    info = synth.info
+    return ModelSpec("fastcnn", info.num_classes, info.input_spec.channels, info.input_spec.size,
+                     kwargs={"width": 8, "feature_dim": 32})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(synth, tiny_spec):
+    """A fastcnn trained on the synthetic data (reaches high accuracy in a few seconds)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_spec)
+    result = train_model(model, synth.train, synth.info.input_spec, TINY_RECIPE,
+                         test=synth.test, seed=0, progress=False)
+    assert result.test_acc > 0.8, f"tiny model did not learn: {result.test_acc}"
+    return result.model
+
+
+@pytest.fixture(scope="session")
+def cr_splits(synth):
+    return make_splits(synth, ForgetSpec.for_classes(1))
+
+
+@pytest.fixture(scope="session")
+def hr_splits(synth):
+    return make_splits(synth, ForgetSpec.random(fraction=0.1, seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_surrogate(synth):
+    spec = synth.info.input_spec
+    return load_surrogate("gaussian-noise", channels=spec.channels, size=spec.size, n=256, seed=0)

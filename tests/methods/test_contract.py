@@ -1,0 +1,145 @@
+"""Contract tests run automatically over EVERY registered method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scar.data.base import TensorImages
+from scar.errors import ConfigError, MissingRequirementError
+from scar.methods import METHODS, UnlearnData, access_profile, build_method
+from scar.methods.statistics import class_statistics
+from scar.models.adapter import FeatureModel
+
+#: Small hyperparameters so that each method runs in a second or two on the tiny data.
+FAST: dict[str, dict] = {
+    "scar": {"epochs": 2, "batch_size": 64, "surrogate_steps": 2},
+    "scar_self_forget": {"epochs": 2, "batch_size": 64, "surrogate_steps": 2},
+    "finetune": {"epochs": 1, "batch_size": 64},
+    "negative_gradient": {"epochs": 2, "batch_size": 64},
+    "random_labels": {"epochs": 2, "batch_size": 64},
+    "duck": {"epochs": 2, "batch_size": 64},
+    "retrain": {"epochs": 1, "batch_size": 64},
+}
+#: A hyperparameter value each method must refuse.
+BAD: dict[str, tuple[str, object]] = {}
+
+
+@pytest.fixture(scope="module")
+def stats(tiny_model, synth, tiny_spec):
+    return class_statistics(tiny_model, synth.train, synth.info.input_spec,
+                            num_classes=tiny_spec.num_classes)
+
+
+@pytest.fixture(scope="module")
+def surrogate(synth, tiny_surrogate):
+    # Noise plus a few in-distribution images, so that self-forget finds images of the class.
+    imgs = torch.cat([tiny_surrogate.images, synth.test.images])
+    return TensorImages(imgs, torch.full((len(imgs),), -1))
+
+
+def make_data(synth, splits, surrogate, stats, scenario="CR", **override) -> UnlearnData:
+    kw = dict(input_spec=synth.info.input_spec, num_classes=synth.info.num_classes,
+              scenario=scenario, removed_classes=splits.removed_classes,
+              forget=splits.train_forget, retain=splits.train_retain, surrogate=surrogate,
+              stats=stats, original_test_acc=0.9, seed=0)
+    kw.update(override)
+    return UnlearnData(**kw)
+
+
+def fast(name: str) -> dict:
+    return dict(FAST.get(name, {}))
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_does_not_mutate_input_and_is_deterministic(name, tiny_model, synth, cr_splits,
+                                                    surrogate, stats):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    outs = []
+    for _ in range(2):
+        method = build_method(name, **fast(name))
+        data = make_data(synth, cr_splits, surrogate, stats)
+        new = method.unlearn(tiny_model, data)
+        assert new is not tiny_model
+        outs.append(new.state_dict())
+        assert method.seconds_ > 0
+        assert isinstance(method.history_, list)
+        assert "retain-free" in access_profile(method, method.access_)
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "input model was mutated"
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0]), "not deterministic"
+    changed = any(not torch.equal(outs[0][k], before[k]) for k in before
+                  if before[k].is_floating_point())
+    assert changed, "the method returned the model unchanged"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_missing_required_data_is_a_clear_error(name, tiny_model, synth, cr_splits, surrogate,
+                                                stats):
+    method = build_method(name, **fast(name))
+    needed = sorted(method.required_data())
+    assert needed, f"{name} declares no required data"
+    for kind in needed:
+        given = {"surrogate": surrogate, "stats": stats, kind: None}
+        data = make_data(synth, cr_splits, **given)
+        with pytest.raises(MissingRequirementError, match=kind):
+            method.unlearn(tiny_model, data)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_bad_hyperparameters_are_refused(name):
+    with pytest.raises(ConfigError, match="no hyperparameter 'not_a_param'"):
+        build_method(name, not_a_param=1)
+    cls = METHODS.get(name)
+    numeric = [f for f in ("epochs", "lr", "batch_size") if hasattr(cls, f)]
+    assert numeric, f"{name} has none of epochs/lr/batch_size to validate"
+    with pytest.raises(ConfigError, match=numeric[0]):
+        build_method(name, **{numeric[0]: -1})
+
+
+def test_stored_statistics_read_no_retain_image(tiny_model, synth, cr_splits, surrogate, stats):
+    class Exploding(TensorImages):
+        def load(self, idx):
+            raise AssertionError("a retain image was read")
+
+    retain = Exploding(cr_splits.train_retain.images, cr_splits.train_retain.labels)
+    data = make_data(synth, cr_splits, surrogate, stats, retain=retain)
+    method = build_method("scar", **fast("scar"), stats="stored")
+    method.unlearn(tiny_model, data)
+    assert method.access_.get("retain", 0) == 0
+    assert method.access_["forget"] > 0 and method.access_["surrogate"] > 0
+    assert "retain-free: yes" in access_profile(method, method.access_)
+
+
+def test_retain_statistics_are_reported_as_retain_access(tiny_model, synth, cr_splits,
+                                                         surrogate, stats):
+    method = build_method("scar", **fast("scar"), stats="retain")
+    method.unlearn(tiny_model, make_data(synth, cr_splits, surrogate, None))
+    assert method.access_["retain"] == len(cr_splits.train_retain)
+    assert "retain-free: no" in access_profile(method, method.access_)
+
+
+def test_hr_scenario_runs_for_scar(tiny_model, synth, hr_splits, surrogate, stats):
+    method = build_method("scar", **fast("scar"))
+    data = make_data(synth, hr_splits, surrogate, stats, scenario="HR")
+    new = method.unlearn(tiny_model, data)
+    assert new is not tiny_model and method.history_
+
+
+def test_self_forget_refuses_hr_and_retain_stats(tiny_model, synth, hr_splits, surrogate,
+                                                 stats):
+    with pytest.raises(ConfigError, match="stats"):
+        build_method("scar_self_forget", stats="retain")
+    method = build_method("scar_self_forget", **fast("scar_self_forget"))
+    with pytest.raises(ConfigError, match="scenarios"):
+        method.unlearn(tiny_model, make_data(synth, hr_splits, surrogate, stats, scenario="HR"))
+
+
+def test_surrogate_statistics_group_by_prediction(tiny_model, synth, cr_splits, surrogate):
+    method = build_method("scar", **fast("scar"), stats="surrogate")
+    data = make_data(synth, cr_splits, surrogate, None, retain=None)
+    stats = method.class_stats(FeatureModel(tiny_model), data)
+    assert 1 not in stats.classes.tolist()  # the removed class is never a target
+    assert stats.classes.numel() >= 1
+    method.unlearn(tiny_model, data)
+    assert method.access_.get("retain", 0) == 0

@@ -1,0 +1,110 @@
+"""SCAR's loss pieces (known answers) and its architecture-agnostic smoke tests."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from scar.data.base import InputSpec, TensorImages
+from scar.data.datasets import DatasetBundle, DatasetInfo
+from scar.data.forget import ForgetSpec, make_splits
+from scar.methods import UnlearnData, build_method
+from scar.methods.scar_method import (
+    balanced_weights,
+    hr_gate_weights,
+    js_divergence,
+    kl_divergence,
+    mask_teacher_cr,
+)
+from scar.models.base import ModelSpec, build_model
+
+
+def test_cr_teacher_masking():
+    t = torch.tensor([[5.0, 1.0, 0.0],   # predicted class 0 (removed) → dropped
+                      [1.0, 4.0, -2.0],  # kept; class 0 logit → batch min (-3)
+                      [2.0, 0.0, 3.0]])  # kept
+    t[0, 1] = -3.0
+    masked, keep = mask_teacher_cr(t, torch.tensor([0]))
+    assert keep.tolist() == [False, True, True]
+    assert masked.tolist() == [[-3.0, 4.0, -2.0], [-3.0, 0.0, 3.0]]
+
+
+def test_balanced_weights_count_rare_classes_as_five():
+    pred = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2])
+    w = balanced_weights(pred, 4)
+    # class 0: 4 samples → 1/4; class 1: 1 sample (< 3) → counts as 5; class 2: 3 → 1/3
+    assert torch.allclose(w, torch.tensor([0.25] * 4 + [0.2] + [1 / 3] * 3, dtype=w.dtype))
+
+
+def test_hr_gate():
+    acc = torch.tensor([0.9, 0.5, 0.8, 0.79])
+    assert hr_gate_weights(acc, 0.8).tolist() == pytest.approx([0.9, 0.0, 0.8, 0.0])
+
+
+def test_kl_known_value_and_temperature_only_on_teacher():
+    t = torch.tensor([[math.log(3.0), 0.0]])  # softmax → [0.75, 0.25]
+    s = torch.zeros(1, 2)  # softmax → [0.5, 0.5]
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kl_divergence(t, s, 1.0).item() == pytest.approx(expected, rel=1e-6)
+    # T=2 flattens the teacher only: p = softmax([log3/2, 0]) = [√3, 1]/(√3+1)
+    p = torch.tensor([math.sqrt(3), 1.0], dtype=torch.float64) / (math.sqrt(3) + 1)
+    expected_t2 = float((p * (p / 0.5).log()).sum())
+    assert kl_divergence(t, s, 2.0).item() == pytest.approx(expected_t2, rel=1e-5)
+    assert kl_divergence(s, s, 1.0).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_js_is_symmetric_and_bounded():
+    a, b = torch.randn(5, 4), torch.randn(5, 4)
+    assert js_divergence(a, b, 1.0).item() == pytest.approx(js_divergence(b, a, 1.0).item(),
+                                                             rel=1e-5)
+    assert 0 <= js_divergence(a * 50, -b * 50, 1.0).item() <= math.log(2) + 1e-6
+
+
+# ------------------------------------------------------------------ architecture smoke
+def _tiny_vit(num_classes: int) -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
+                             hidden_dim=16, mlp_dim=32, num_classes=num_classes)
+
+
+def _bundle(channels=3, size=16, n=96, classes=3) -> DatasetBundle:
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % classes
+    imgs = (torch.rand(n, channels, size, size, generator=g) * 60).to(torch.uint8)
+    imgs[:, :, : size // 2] += (labels * 60).to(torch.uint8)[:, None, None, None]
+    spec = InputSpec(channels, size, (0.5,) * channels, (0.25,) * channels)
+    info = DatasetInfo("toy", classes, spec, tuple(map(str, range(classes))), "synthetic")
+    return DatasetBundle(info, TensorImages(imgs, labels), TensorImages(imgs[:30], labels[:30]))
+
+
+ARCHS = {
+    "resnet18": lambda: build_model(ModelSpec("resnet18", 3, 3, 16)),
+    "allcnn": lambda: build_model(ModelSpec("allcnn", 3, 3, 16, kwargs={"width_mult": 0.25})),
+    "tiny-vit": lambda: _tiny_vit(3),
+    "timm": lambda: build_model(ModelSpec("timm:resnet10t", 3, 3, 16)),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_scar_runs_unchanged_on_any_architecture(arch):
+    if arch == "timm":
+        pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = ARCHS[arch]()
+    bundle = _bundle()
+    splits = make_splits(bundle, ForgetSpec.for_classes(0))
+    noise = TensorImages((torch.rand(64, 3, 16, 16) * 255).to(torch.uint8),
+                         torch.full((64,), -1))
+    data = UnlearnData(input_spec=bundle.info.input_spec, num_classes=3, scenario="CR",
+                       removed_classes=(0,), forget=splits.train_forget,
+                       retain=splits.train_retain, surrogate=noise)
+    method = build_method("scar", epochs=1, batch_size=16, surrogate_steps=1, stats="retain")
+    new = method.unlearn(model, data)
+    assert method.history_
+    assert all(math.isfinite(h["loss_m"]) and math.isfinite(h["loss_td"])
+               for h in method.history_)
+    assert new is not model

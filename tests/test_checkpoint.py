@@ -1,0 +1,64 @@
+import pickle
+
+import pytest
+import torch
+
+from scar.checkpoint import load_checkpoint, save_checkpoint
+from scar.errors import CheckpointError, MissingDataError
+from scar.models.base import ModelSpec
+
+
+def test_round_trip_gives_identical_outputs(tmp_path, tiny_model, tiny_spec, synth):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_model, tiny_spec,
+                           synth.info.input_spec, {"role": "original", "dataset": "synthetic"})
+    assert path.with_suffix(".json").exists()
+    ck = load_checkpoint(path)
+    x = torch.randn(3, 1, 16, 16)
+    tiny_model.eval()
+    assert torch.equal(ck.model(x), tiny_model(x))
+    assert ck.model_spec == tiny_spec and ck.meta["role"] == "original"
+    assert ck.meta["versions"]["torch"] == torch.__version__
+
+
+def test_pickled_object_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as fh:
+        pickle.dump({"weights": Evil()}, fh)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_checkpoint(path, model_spec=ModelSpec("mlp", 4, 1, 16))
+
+
+def test_plain_state_dict_loads_with_explicit_spec(tmp_path, tiny_model, tiny_spec, synth):
+    path = tmp_path / "sd.pt"
+    torch.save(tiny_model.state_dict(), path)
+    ck = load_checkpoint(path, model_spec=tiny_spec, input_spec=synth.info.input_spec)
+    assert torch.equal(ck.model.fc.weight, tiny_model.fc.weight)
+
+
+def test_mismatched_architecture_or_classes(tmp_path, tiny_model, tiny_spec, synth):
+    path = save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec)
+    other = ModelSpec("fastcnn", 7, 1, 16, kwargs=tiny_spec.kwargs)
+    with pytest.raises(CheckpointError, match="does not match architecture 'fastcnn' with 7"):
+        load_checkpoint(path, model_spec=other, input_spec=synth.info.input_spec)
+    with pytest.raises(CheckpointError, match="4-class model but 10 classes were expected"):
+        load_checkpoint(path, expect_num_classes=10)
+
+
+def test_missing_file_and_missing_sidecar(tmp_path, tiny_model, tiny_spec, synth):
+    with pytest.raises(MissingDataError):
+        load_checkpoint(tmp_path / "nope.safetensors")
+    path = save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec)
+    path.with_suffix(".json").unlink()
+    with pytest.raises(CheckpointError, match="no sidecar"):
+        load_checkpoint(path)
+
+
+def test_corrupt_safetensors(tmp_path, tiny_model, tiny_spec, synth):
+    path = save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec)
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(path)

@@ -1,0 +1,103 @@
+"""The `scar` command: happy paths on synthetic data, and clear errors (exit 2, no traceback)."""
+
+import json
+import pickle
+
+import pytest
+
+from scar.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "orig.safetensors"
+    assert main(["-q", "train", "--dataset", "synthetic", "--epochs", "2", "--out",
+                 str(out)]) == 0
+    return out
+
+
+def test_train_writes_checkpoint_sidecar_and_stats(trained, capsys):
+    meta = json.loads(trained.with_suffix(".json").read_text())
+    assert meta["role"] == "original" and meta["dataset"] == "synthetic"
+    assert meta["model"]["name"] == "fastcnn" and meta["test_acc"] > 0.3
+    assert (trained.parent / meta["stats"]).exists()
+    assert meta["device_name"] and meta["train_seconds"] > 0
+
+
+def test_unlearn_then_unlearn_again(trained, tmp_path, capsys):
+    out1 = tmp_path / "u1.safetensors"
+    rc = main(["-q", "unlearn", "--checkpoint", str(trained), "--forget-class", "1",
+               "--surrogate", "gaussian-noise", "--surrogate-n", "256", "--set", "epochs=2",
+               "--set", "batch_size=64", "--out", str(out1)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "retain-free: yes" in text and "acc/test_forget" in text
+    meta = json.loads(out1.with_suffix(".json").read_text())
+    assert meta["parent"] == str(trained) and meta["method"] == "scar"
+    assert meta["hparams"]["epochs"] == 2 and meta["access"]["images_loaded"].get("retain", 0) == 0
+    out2 = tmp_path / "u2.safetensors"
+    rc = main(["-q", "unlearn", "--checkpoint", str(out1), "--forget-class", "2",
+               "--surrogate", "gaussian-noise", "--surrogate-n", "256", "--set", "epochs=1",
+               "--set", "batch_size=64", "--out", str(out2)])
+    assert rc == 0
+    meta2 = json.loads(out2.with_suffix(".json").read_text())
+    assert meta2["removed_classes"] == [1, 2]
+
+
+def test_forget_set_sample(tmp_path, capsys):
+    out = tmp_path / "idx.json"
+    assert main(["forget-set", "sample", "--dataset", "synthetic", "--fraction", "0.1",
+                 "--seed", "3", "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["indices"]) == 51  # 10% of 512, rounded
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--dataset", "fashion-mnits"], "Did you mean 'fashion-mnist'"),
+        (["train", "--dataset", "synthetic", "--model", "resnet19"], "Unknown model 'resnet19'"),
+        (["train", "--dataset", "synthetic", "--forget-class", "12"], "12"),
+        (["train", "--dataset", "synthetic", "--forget-fraction", "1.5"], "fraction"),
+        (["forget-set", "sample", "--dataset", "synthetic", "--count", "0", "--out", "x.json"],
+         "count"),
+        (["unlearn", "--checkpoint", "missing.safetensors", "--forget-class", "1", "--out",
+          "o"], "does not exist"),
+    ],
+)
+def test_bad_input_gives_clear_error(argv, needle, capsys):
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and needle in err
+    assert "Traceback" not in err
+
+
+def test_missing_data_says_where_it_looked(tmp_path, monkeypatch, capsys):
+    import scar.data.datasets as ds
+
+    monkeypatch.setenv("SCAR_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(ds, "SYSTEM_LOCATIONS", {k: [] for k in ds.SYSTEM_LOCATIONS})
+    assert main(["-q", "train", "--dataset", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "apt-get install dataset-fashion-mnist" in err
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, capsys):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(pickle.dumps({"x": object()}))
+    assert main(["-q", "unlearn", "--checkpoint", str(bad), "--forget-class", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "never unpickles" in capsys.readouterr().err
+
+
+def test_unknown_method_hyperparameter(trained, tmp_path, capsys):
+    assert main(["-q", "unlearn", "--checkpoint", str(trained), "--forget-class", "1",
+                 "--set", "lamda_1=2", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "lamda_1" in err and "lambda_1" in err
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("fashion-mnist", "fastcnn", "natural-patches", "scar", "scar_self_forget"):
+        assert word in out
