@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
 #: Functions adding further sub-commands (kept in their own modules to keep this file short).
 EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
 
+from scar import cli_report  # noqa: E402,F401  (registers `scar report`)
+from scar import cli_run  # noqa: E402,F401  (registers `scar run`)
+
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO

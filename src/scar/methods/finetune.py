@@ -7,9 +7,10 @@ the retain set — it is *not* retain-free.
 Defaults follow the reference baseline where it is explicit (SGD, momentum 0.9, MultiStepLR at
 epochs 25 and 40 with ×0.5) and are chosen where it is not:
 
-- ``lr = 0.01``: the reference passes the rate on the command line; fine-tuning an already
-  trained model at the training rate (0.1) mostly re-trains it from a shaken start, while 0.01
-  keeps the retain accuracy and still lets the forget accuracy drift.
+- ``lr = 0.01``: the reference passes the rate on the command line; a tenth of the usual
+  training rate (0.1), so fine-tuning continues from the trained weights instead of re-training.
+  Measured on Fashion-MNIST (``fastcnn``, 3 training epochs, class 0 removed, CPU): one epoch
+  took forget-test accuracy 0.867 → 0.005 and retain-test 0.908 → 0.923.
 - ``weight_decay = 5e-4``: the usual CIFAR fine-tuning value; it also helps erode weights that
   only the forget set supported.
 - ``epochs = 5``: the reference runs for tens of epochs on a GPU; 5 keeps a CPU run in minutes.

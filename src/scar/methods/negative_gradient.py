@@ -5,9 +5,11 @@ Retain-free: it reads only the forget set. Like the reference baseline it uses S
 accuracy is below the target of the stopping rule (CR < 0.01, HR < original test acc − 0.015);
 see :mod:`scar.methods._loops` for how the check is kept cheap.
 
-The reference sets the learning rate per run on the command line. The default here (SGD 0.01)
-reaches the CR target within the first epoch on Fashion-MNIST / CIFAR-sized forget sets without
-blowing up the logits; ascent is unbounded, so lower it if the retain accuracy collapses.
+The reference sets the learning rate per run on the command line. Measured on Fashion-MNIST
+(``fastcnn``, 3 training epochs, test acc 0.904, class 0 removed, CPU): SGD 0.01 reached the CR
+target after 6 steps (forget-test 0.004, retain-test 0.908 → 0.882); SGD 0.001 needed 18 steps and
+hurt the retain-test accuracy more (0.854). Ascent is unbounded, so a step that makes the loss
+non-finite ends the run with the last finite model.
 """
 
 from __future__ import annotations

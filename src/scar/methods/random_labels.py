@@ -9,7 +9,8 @@ from a generator seeded with ``data.seed``:
   reference draws from all classes, so about 1/C of its "random" targets are the true label and
   push the wrong way; excluding it is the intended behaviour.
 
-Optimiser, schedule and stopping rule as :mod:`scar.methods.negative_gradient`.
+Optimiser, schedule and stopping rule as :mod:`scar.methods.negative_gradient` (same setting
+as measured there, SGD 0.01: 11 steps to the CR target, retain-test 0.908 → 0.903).
 """
 
 from __future__ import annotations

@@ -39,6 +39,10 @@ def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
     """Per-step schedulers (stepped after every optimiser step)."""
     total = max(1, recipe.epochs * steps_per_epoch)
+    if recipe.schedule == "onecycle" and total < 10:
+        # OneCycleLR divides by its warm-up length, which rounds to zero for a handful of steps.
+        log.info("one-cycle schedule needs >= 10 steps (got %d): using a constant rate", total)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     builders = {
         "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total),
         # One-cycle: warm up for 20% of the steps then anneal — converges in few epochs.

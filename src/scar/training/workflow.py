@@ -85,6 +85,7 @@ def run_train_job(
         "history": result.history,
     }
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if record_stats:
         from scar.methods.statistics import record_class_statistics
 

@@ -1,0 +1,45 @@
+"""``scar report RUN_DIR [--out DIR]``: tables, notes and plots from a run's stored rows.
+
+Registers itself with :mod:`scar.cli` on import (``EXTENSIONS`` for the parser, ``COMMANDS`` for
+the handler), so ``scar.cli`` only needs to import this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from scar.cli import EXTENSIONS, command
+
+
+def add_report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="tables (md/csv/tex) and plots from a run's results.jsonl")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="run directory holding results.jsonl")
+    p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> int:
+    from scar.experiments.report import (
+        build_report,
+        format_markdown_table,
+        mia_separation_note,
+        split_tables,
+        table_title,
+    )
+
+    groups, written = build_report(args.run_dir, args.out)
+    tables = split_tables(groups)
+    if not tables:
+        print("no successful runs to tabulate")
+    for key, table in tables.items():
+        print(f"## {table_title(key)}\n")
+        print(format_markdown_table(table))
+        print(f"\n{mia_separation_note(table)}\n")
+    print("written:")
+    for name, path in written.items():
+        print(f"  {name:<30} {path}")
+    return 0
+
+
+if add_report_parser not in EXTENSIONS:
+    EXTENSIONS.append(add_report_parser)

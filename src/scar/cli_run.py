@@ -1,0 +1,91 @@
+"""``scar run GRID.yaml [--out RUN_DIR] [--dry-run] [--only key=value,...] [--device ...]``.
+
+Registers itself with :mod:`scar.cli` on import (``EXTENSIONS`` for the parser, ``COMMANDS`` for
+the handler). Exit code 0 when every run succeeded, 1 when some failed (their rows say why),
+2 for an invalid grid (nothing ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from scar.cli import EXTENSIONS, command
+from scar.errors import ConfigError
+
+DEFAULT_RUNS_DIR = Path("runs")
+
+
+def add_run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an experiment grid (YAML) into a run folder")
+    p.add_argument("grid", metavar="GRID", help="grid file (YAML; see scar.experiments.grid)")
+    p.add_argument("--out", default=None,
+                   help="run folder (default runs/<grid name, else the file name>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the expanded runs (and which are finished) without running them")
+    p.add_argument("--only", action="append", metavar="KEY=VALUE[,KEY=VALUE...]",
+                   help="run a subset, e.g. --only method=scar,seed=0 or --only class=3|5")
+    p.add_argument("--device", default=None, help="override the grid's device (auto|cpu|cuda:N)")
+
+
+def parse_only(values: Sequence[str] | None) -> dict[str, str]:
+    """``["method=scar,seed=0", "class=3"]`` → ``{"method": "scar", "seed": "0", "class": "3"}``."""
+    out: dict[str, str] = {}
+    for value in values or []:
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, wanted = pair.partition("=")
+            if not sep or not key.strip() or not wanted.strip():
+                raise ConfigError(f"--only expects key=value pairs separated by ','; got {pair!r}.")
+            out[key.strip()] = wanted.strip()
+    return out
+
+
+def default_run_dir(grid_path: str | Path, name: str | None) -> Path:
+    return DEFAULT_RUNS_DIR / (name or Path(grid_path).stem)
+
+
+def format_runs(specs, finished: set[str]) -> str:
+    """One line per run: id, dataset, model, scenario, forget, seed, method, changed hparams."""
+    from scar.experiments.grid import hparams_changed
+
+    head = (f"{'run id':<13}{'dataset':<16}{'model':<12}{'scen':<5}{'forget':<10}{'seed':<5}"
+            f"{'method':<22}hyperparameters (non-default)")
+    lines = [head, "-" * len(head)]
+    for s in specs:
+        changed = ", ".join(f"{k}={v}" for k, v in hparams_changed(s).items()) or "-"
+        done = " (finished)" if s.run_id in finished else ""
+        lines.append(f"{s.run_id:<13}{s.dataset:<16}{s.model or '(default)':<12}"
+                     f"{s.scenario:<5}{s.forget_id:<10}{s.seed:<5}{s.method:<22}{changed}{done}")
+    return "\n".join(lines)
+
+
+@command("run")
+def cmd_run(args: argparse.Namespace) -> int:
+    from scar.experiments.grid import check_only, expand, load_grid
+    from scar.experiments.runner import run_grid, select
+    from scar.experiments.store import ResultsStore
+
+    grid = load_grid(args.grid).with_device(args.device)
+    only = parse_only(args.only)
+    check_only(only)
+    run_dir = Path(args.out) if args.out else default_run_dir(args.grid, grid.name)
+    if args.dry_run:
+        specs = select(expand(grid), only)
+        finished = ResultsStore(run_dir).finished_ids()
+        print(format_runs(specs, finished))
+        done = sum(s.run_id in finished for s in specs)
+        print(f"{len(specs)} runs ({done} already finished in {run_dir}); nothing was run.")
+        return 0
+    summary = run_grid(grid, run_dir, only=only, progress=not args.quiet)
+    print(f"{summary.total} runs: {summary.skipped} already finished, {summary.ok} ok, "
+          f"{summary.failed} failed")
+    print(f"results: {ResultsStore(run_dir).path}")
+    if summary.failed:
+        print(f"some runs failed; their rows hold the error. Rerun `scar run {args.grid}"
+              f"{' --out ' + str(args.out) if args.out else ''}` to retry only those.")
+    return 1 if summary.failed else 0
+
+
+if add_run_parser not in EXTENSIONS:
+    EXTENSIONS.append(add_run_parser)

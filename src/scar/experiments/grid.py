@@ -1,0 +1,659 @@
+"""Experiment grids: a YAML file → validated :class:`Grid` → one :class:`RunSpec` per run.
+
+Format (every key but ``dataset``, ``scenario`` and the forget amount is optional)::
+
+    name: fmnist-cr            # used for the default run folder runs/<name> (else the file stem)
+    dataset: fashion-mnist     # or a list of datasets
+    dataset_options: {}        # keyword options of the dataset loader (synthetic: num_classes, ...)
+    model: fastcnn             # or a list; null → the dataset recipe's default architecture
+    model_kwargs: {}           # keyword options of the model builder (fastcnn: width, ...)
+    data_dir: null             # where datasets live (else $SCAR_DATA_DIR, then system locations)
+    download: false            # allow downloading a missing dataset
+    device: auto               # auto | cpu | cuda | cuda:N  (`scar run --device` overrides it)
+    train: {epochs: 6}         # recipe overrides for the original and oracle models
+    scenario: CR               # CR (class removal) | HR (random, "homogeneous" removal)
+    classes: [0, 1, 2]         # CR: one run per entry; an entry may be a list ([3, 5]) to remove
+                               #     several classes at once; "all" = every class, one at a time
+    seeds: [0]                 # HR: one forget set per seed; CR: seeds of the unlearning call
+    forget_fraction: 0.1       # HR only: fraction of the train set (or forget_count: N images)
+    surrogate: natural-patches # surrogate source (default per dataset, see experiments/unlearn.py)
+    surrogate_n: 5000          # number of surrogate images
+    mia: true                  # run the membership-inference attack
+    mia_variant: balanced      # balanced | reference (protocol.md)
+    methods:                   # name → hyperparameters ({} or null = the method's defaults)
+      scar: {}
+      scar_self_forget: {}
+      negative_gradient: {lr: 1e-4}
+
+Every request (dataset x model x forget set) always gets an ``original`` and a ``retrain`` row:
+the cached original and oracle checkpoints, evaluated like any method. Listing ``retrain`` (or
+``original``) under ``methods`` is allowed and changes nothing; neither takes hyperparameters
+(the oracle is trained with the ``train`` overrides).
+
+Everything is validated before anything runs: unknown keys (with "did you mean"), unknown
+datasets, models, methods and surrogate sources, hyperparameters (each method is built once),
+class ids (when the class count is known without loading images), scenario and amounts.
+
+A run's id is the first 12 hex digits of the SHA-1 of the canonical JSON of its *resolved* spec:
+the model name after the recipe default is applied, every hyperparameter of the method (defaults
+included, so a changed default gives new ids), the surrogate actually used (none for methods that
+do not read one). Where data lives (``data_dir``) and where it runs (``device``) are not part of it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from scar.data.forget import ForgetSpec, validate_amount, validate_classes
+from scar.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Top-level keys of a grid file.
+GRID_KEYS: tuple[str, ...] = (
+    "name", "dataset", "dataset_options", "model", "model_kwargs", "data_dir", "download",
+    "device", "train", "scenario", "classes", "seeds", "forget_fraction", "forget_count",
+    "surrogate", "surrogate_n", "mia", "mia_variant", "methods",
+)  # fmt: skip
+SCENARIOS = ("CR", "HR")
+MIA_VARIANTS = ("balanced", "reference")
+#: Rows every request gets, whatever the methods: the original model and the oracle.
+REFERENCE_METHODS = ("original", "retrain")
+#: Seed of the cached original / oracle trainings, and of the reference rows of CR requests
+#: (in HR, a request's reference rows carry its forget-set seed).
+TRAIN_SEED = 0
+
+Items = tuple[tuple[str, Any], ...]
+
+
+# ---------------------------------------------------------------- the grid
+@dataclass(frozen=True)
+class Grid:
+    """A validated grid (see the module docstring for the file format)."""
+
+    datasets: tuple[str, ...]
+    scenario: str
+    models: tuple[str | None, ...] = (None,)
+    name: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    train: dict[str, Any] = field(default_factory=dict)
+    classes: tuple[tuple[int, ...], ...] | str | None = None  # "all" or class groups (CR)
+    seeds: tuple[int, ...] = (0,)
+    forget_fraction: float | None = None
+    forget_count: int | None = None
+    surrogate: str | None = None
+    surrogate_n: int | None = None
+    mia: bool = True
+    mia_variant: str = "balanced"
+    methods: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def with_device(self, device: str | None) -> Grid:
+        return self if device is None else replace(self, device=_device(device))
+
+
+def load_grid(source: str | Path | Mapping[str, Any]) -> Grid:
+    """Read (a YAML file) and validate a grid; every error is a ConfigError naming the key."""
+    raw = _read_yaml(Path(source)) if isinstance(source, (str, Path)) else dict(source)
+    return parse_grid(raw)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"grid file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"grid file {path} must hold a mapping of keys ({', '.join(GRID_KEYS)}); got "
+            f"{type(raw).__name__}."
+        )
+    return raw
+
+
+def parse_grid(raw: Mapping[str, Any]) -> Grid:
+    check_keys("grid", raw, GRID_KEYS)
+    for key in ("dataset", "scenario"):
+        if raw.get(key) is None:
+            raise ConfigError(f"grid key {key!r} is required.")
+    scenario = str(raw["scenario"]).upper()
+    if scenario not in SCENARIOS:
+        raise ConfigError(
+            f"grid key 'scenario' must be one of {list(SCENARIOS)}; got {raw['scenario']!r}."
+        )
+    mia_variant = raw.get("mia_variant", "balanced")
+    if mia_variant not in MIA_VARIANTS:
+        raise ConfigError(
+            f"grid key 'mia_variant' must be one of {list(MIA_VARIANTS)}; got {mia_variant!r}."
+        )
+    grid = Grid(
+        datasets=_names("dataset", raw["dataset"]),
+        scenario=scenario,
+        models=_models(raw.get("model")),
+        name=_name(raw.get("name")),
+        dataset_options=_mapping("dataset_options", raw.get("dataset_options")),
+        model_kwargs=_mapping("model_kwargs", raw.get("model_kwargs")),
+        data_dir=_optional_str("data_dir", raw.get("data_dir")),
+        download=_bool("download", raw.get("download", False)),
+        device=_device(raw.get("device", "auto")),
+        train=_mapping("train", raw.get("train")),
+        classes=_classes(raw.get("classes")),
+        seeds=_seeds(raw.get("seeds", [0])),
+        forget_fraction=_fraction(raw.get("forget_fraction")),
+        forget_count=_optional_int("forget_count", raw.get("forget_count"), low=1),
+        surrogate=_optional_str("surrogate", raw.get("surrogate")),
+        surrogate_n=_optional_int("surrogate_n", raw.get("surrogate_n"), low=1),
+        mia=_bool("mia", raw.get("mia", True)),
+        mia_variant=mia_variant,
+        methods=_methods(raw.get("methods")),
+    )
+    validate_grid(grid)
+    return grid
+
+
+def check_keys(where: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    """Unknown keys → ConfigError naming the key, a close match, and every allowed key."""
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown {where} key {key!r}.{hint} Allowed keys: {', '.join(allowed)}."
+            )
+
+
+# ---------------------------------------------------------------- value parsers
+def _names(key: str, value: Any) -> tuple[str, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) and v for v in values):
+        raise ConfigError(f"grid key {key!r} must be a name or a list of names; got {value!r}.")
+    return tuple(values)
+
+
+def _models(value: Any) -> tuple[str | None, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(v is None or (isinstance(v, str) and v) for v in values):
+        raise ConfigError(
+            f"grid key 'model' must be a model name, a list of names, or null (the recipe's "
+            f"default); got {value!r}."
+        )
+    return tuple(values)
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _name(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _NAME_RE.match(value):
+        raise ConfigError(
+            f"grid key 'name' must be a folder-safe name (letters, digits, '.', '_', '-'); got "
+            f"{value!r}."
+        )
+    return value
+
+
+def _mapping(key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"grid key {key!r} must be a mapping of option → value; got {value!r}.")
+    return dict(value)
+
+
+def _optional_str(key: str, value: Any) -> str | None:
+    if value is not None and not (isinstance(value, str) and value):
+        raise ConfigError(f"grid key {key!r} must be a string or null; got {value!r}.")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"grid key {key!r} must be true or false; got {value!r}.")
+    return value
+
+
+def _device(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", text):
+        raise ConfigError(
+            f"grid key 'device' must be one of auto, cpu, cuda, cuda:N; got {value!r}."
+        )
+    return text
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_int(key: str, value: Any, low: int | None = None) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise ConfigError(f"grid key {key!r} must be an integer{bound} or null; got {value!r}.")
+    return value
+
+
+def _fraction(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:  # YAML 1.1 reads "1e-1" as a string
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        number = value
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 < number < 1:
+        raise ConfigError(f"grid key 'forget_fraction' must be in (0, 1); got {value!r}.")
+    return float(number)
+
+
+def _seeds(value: Any) -> tuple[int, ...]:
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(_is_int(v) and v >= 0 for v in values):
+        raise ConfigError(
+            f"grid key 'seeds' must be a non-negative integer or a list of them; got {value!r}."
+        )
+    if len(set(values)) != len(values):
+        raise ConfigError(f"grid key 'seeds' must not repeat a seed; got {value!r}.")
+    return tuple(values)
+
+
+def _classes(value: Any) -> tuple[tuple[int, ...], ...] | str | None:
+    if value is None or value == "all":
+        return value
+    entries = value if isinstance(value, list) else [value]
+    groups = tuple(tuple(e) if isinstance(e, list) else (e,) for e in entries)
+    if not groups or not all(g and all(_is_int(c) and c >= 0 for c in g) for g in groups):
+        raise ConfigError(
+            "grid key 'classes' must be \"all\" or a list of class ids (an entry may itself be a "
+            f"list, to remove several classes in one run); got {value!r}."
+        )
+    for g in groups:
+        validate_classes(g)
+    groups = tuple(tuple(sorted(g)) for g in groups)
+    if len(set(groups)) != len(groups):
+        raise ConfigError(f"grid key 'classes' lists the same request twice; got {value!r}.")
+    return groups
+
+
+def _methods(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"grid key 'methods' must map method names to hyperparameters (a mapping, {{}} or "
+            f"null); got {value!r}."
+        )
+    out = []
+    for name, hparams in value.items():
+        if hparams is not None and not isinstance(hparams, dict):
+            raise ConfigError(
+                f"grid key 'methods.{name}' must be a mapping of hyperparameters, {{}} or null; "
+                f"got {hparams!r}."
+            )
+        out.append((str(name), dict(hparams or {})))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- cross-checks (registries)
+def validate_grid(grid: Grid) -> None:
+    """Everything that can be checked without loading images or training."""
+    from scar.data.datasets import DATASETS, check_options
+    from scar.data.surrogates import SURROGATES
+    from scar.models import MODELS
+    from scar.training.recipes import Recipe
+
+    _check_scenario_keys(grid)
+    for dataset in grid.datasets:
+        loader, _ = DATASETS.resolve(dataset)
+        check_options(f"dataset {dataset!r} (grid key 'dataset_options')", loader,
+                      grid.dataset_options, reserved=("data_dir", "download"))
+        num = known_num_classes(dataset, grid.dataset_options)
+        if grid.scenario == "CR" and num is not None:
+            for group in class_groups(grid, dataset):
+                try:
+                    validate_classes(group, num)
+                except ConfigError as exc:
+                    raise ConfigError(f"grid key 'classes', dataset {dataset!r}: {exc}") from exc
+    for model in grid.models:
+        if model is not None:
+            builder, _ = MODELS.resolve(model)
+            _check_model_kwargs(model, builder, grid.model_kwargs)
+    Recipe().with_overrides(grid.train)  # unknown training options / bad types
+    if grid.surrogate is not None:
+        SURROGATES.resolve(grid.surrogate)
+    for name, hparams in grid.methods:
+        _check_method(name, hparams, grid.scenario)
+
+
+def _check_scenario_keys(grid: Grid) -> None:
+    if grid.scenario == "CR":
+        if grid.classes is None:
+            raise ConfigError("grid key 'classes' is required for class removal (scenario CR).")
+        stray = [k for k in ("forget_fraction", "forget_count") if getattr(grid, k) is not None]
+        if stray:
+            raise ConfigError(
+                f"grid key {stray[0]!r} only applies to random removal (scenario HR); class "
+                "removal (CR) forgets whole classes given by 'classes'."
+            )
+        return
+    if grid.classes is not None:
+        raise ConfigError(
+            "grid key 'classes' only applies to class removal (scenario CR); random removal (HR) "
+            "takes forget_fraction or forget_count."
+        )
+    if grid.forget_fraction is None and grid.forget_count is None:
+        raise ConfigError(
+            "random removal (scenario HR) needs grid key 'forget_fraction' (e.g. 0.1) or "
+            "'forget_count'."
+        )
+    validate_amount(grid.forget_count, grid.forget_fraction)
+
+
+def _check_model_kwargs(model: str, builder: Any, kwargs: dict[str, Any]) -> None:
+    params = inspect.signature(builder).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params) or not kwargs:
+        return
+    allowed = sorted(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"grid key 'model_kwargs': model {model!r} does not take {unknown}; allowed: "
+            f"{allowed or '(none)'}."
+        )
+
+
+def _check_method(name: str, hparams: dict[str, Any], scenario: str) -> None:
+    from scar.methods import METHODS, build_method
+
+    if name in REFERENCE_METHODS:
+        if hparams:
+            raise ConfigError(
+                f"grid key 'methods.{name}' takes no hyperparameters: the {name} row is the "
+                "cached checkpoint trained with the grid's 'train' overrides; got "
+                f"{sorted(hparams)}."
+            )
+        return
+    cls = METHODS.get(name)  # UnknownComponentError with "did you mean"
+    if scenario not in cls.scenarios:
+        raise ConfigError(
+            f"grid key 'methods.{name}': method {name!r} supports scenarios "
+            f"{list(cls.scenarios)}; the grid's scenario is {scenario!r}."
+        )
+    try:
+        build_method(name, **hparams)
+    except ConfigError as exc:
+        raise ConfigError(f"grid key 'methods.{name}': {exc}") from exc
+
+
+def known_num_classes(dataset: str, options: Mapping[str, Any]) -> int | None:
+    """The class count without loading images: the dataset option, the table of well-known
+    datasets, or the loader's ``num_classes`` default; None when only loading can tell."""
+    from scar.data.datasets import DATASETS, KNOWN_DATASETS
+
+    if _is_int(options.get("num_classes")):
+        return int(options["num_classes"])
+    if dataset in KNOWN_DATASETS:
+        return KNOWN_DATASETS[dataset].num_classes
+    loader, _ = DATASETS.resolve(dataset)
+    param = inspect.signature(loader).parameters.get("num_classes")
+    if param is not None and _is_int(param.default):
+        return int(param.default)
+    return None
+
+
+def class_groups(grid: Grid, dataset: str) -> tuple[tuple[int, ...], ...]:
+    """The CR requests of ``dataset``: one group of class ids per run ("all" → every class)."""
+    if grid.classes != "all":
+        return grid.classes or ()
+    num = known_num_classes(dataset, grid.dataset_options)
+    if num is None:
+        raise ConfigError(
+            f"grid key 'classes' is \"all\" but the class count of dataset {dataset!r} is only "
+            "known after loading it; list the class ids instead."
+        )
+    return tuple((c,) for c in range(num))
+
+
+# ---------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a method (or the ``original`` / ``retrain`` reference) on one forget request.
+
+    Mappings are stored as sorted item tuples so that specs are hashable; use the properties.
+    """
+
+    dataset: str
+    model: str | None
+    scenario: str
+    forget: ForgetSpec
+    seed: int
+    method: str
+    hparams_items: Items = ()
+    surrogate: str | None = None
+    surrogate_n: int | None = None
+    mia: bool = True
+    mia_variant: str = "balanced"
+    train_items: Items = ()
+    dataset_options_items: Items = ()
+    model_kwargs_items: Items = ()
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dict(self.hparams_items)
+
+    @property
+    def train(self) -> dict[str, Any]:
+        return dict(self.train_items)
+
+    @property
+    def dataset_options(self) -> dict[str, Any]:
+        return dict(self.dataset_options_items)
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        return dict(self.model_kwargs_items)
+
+    @property
+    def forget_id(self) -> str:
+        return forget_id(self.forget)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.method in REFERENCE_METHODS
+
+    def request(self) -> tuple:
+        """What the original / oracle checkpoints and the reference rows depend on."""
+        return (self.dataset, self.dataset_options_items, self.model, self.model_kwargs_items,
+                self.train_items, self.forget, self.mia, self.mia_variant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "dataset_options": self.dataset_options,
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "train": self.train,
+            "scenario": self.scenario,
+            "forget": self.forget.to_dict(),
+            "seed": self.seed,
+            "method": self.method,
+            "hparams": self.hparams,
+            "surrogate": self.surrogate,
+            "surrogate_n": self.surrogate_n,
+            "mia": self.mia,
+            "mia_variant": self.mia_variant,
+        }
+
+    @property
+    def run_id(self) -> str:
+        return stable_hash(self.to_dict())
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """First ``length`` hex digits of the SHA-1 of the canonical JSON of ``obj``."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:length]
+
+
+def forget_id(spec: ForgetSpec) -> str:
+    """Short name of a forget request: class3, class3-5 (CR); seed0 (HR); the file stem."""
+    if spec.kind == "class":
+        return "class" + "-".join(map(str, spec.classes))
+    if spec.kind == "random":
+        return f"seed{spec.seed}"
+    return Path(spec.indices_file or "indices").stem
+
+
+def freeze(mapping: Mapping[str, Any]) -> Items:
+    return tuple(sorted((k, _freeze_value(v)) for k, v in mapping.items()))
+
+
+def _freeze_value(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze_value(v) for v in value)
+    if isinstance(value, dict):
+        return freeze(value)
+    return value
+
+
+def default_model(dataset: str, train: Mapping[str, Any]) -> str | None:
+    """The architecture the dataset's recipe trains when the grid names none (None when the
+    recipe is only known after loading the dataset)."""
+    from scar.training.recipes import RECIPES
+
+    if isinstance(train.get("model"), str):
+        return train["model"]
+    for name in (dataset, dataset.split(":", 1)[0]):
+        if name in RECIPES.names():
+            return RECIPES.get(name).model
+    return None
+
+
+def forget_requests(grid: Grid, dataset: str) -> list[tuple[ForgetSpec, tuple[int, ...]]]:
+    """(forget spec, unlearning seeds) per request: CR → one per class group (all seeds);
+    HR → one forget set per seed (its own seed)."""
+    if grid.scenario == "CR":
+        return [(ForgetSpec.for_classes(list(g)), grid.seeds) for g in class_groups(grid, dataset)]
+    return [(ForgetSpec.random(count=grid.forget_count, fraction=grid.forget_fraction, seed=s),
+             (s,)) for s in grid.seeds]
+
+
+def resolved_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Every hyperparameter of the configured method (strings coerced, defaults filled in)."""
+    from scar.methods import build_method
+
+    return build_method(name, **hparams).hparams()
+
+
+def uses_surrogate(name: str, hparams: Mapping[str, Any]) -> bool:
+    from scar.methods import build_method
+
+    return "surrogate" in build_method(name, **hparams).uses()
+
+
+def resolved_surrogate(grid: Grid, dataset: str) -> tuple[str, int | None]:
+    from scar.experiments.unlearn import DEFAULT_SURROGATE_SIZE, default_surrogate
+
+    name = grid.surrogate or default_surrogate(dataset)
+    if grid.surrogate_n is not None:
+        return name, grid.surrogate_n
+    return name, None if name == "digits" else DEFAULT_SURROGATE_SIZE
+
+
+def expand(grid: Grid) -> list[RunSpec]:
+    """All runs of the grid, reference rows first within each request; stable order."""
+    methods = [(n, h) for n, h in grid.methods if n not in REFERENCE_METHODS]
+    resolved = {n: (freeze(resolved_hparams(n, h)), uses_surrogate(n, h)) for n, h in methods}
+    specs: list[RunSpec] = []
+    for dataset in grid.datasets:
+        surrogate = resolved_surrogate(grid, dataset)
+        for model in grid.models:
+            common = {
+                "dataset": dataset, "model": model or default_model(dataset, grid.train),
+                "scenario": grid.scenario, "mia": grid.mia, "mia_variant": grid.mia_variant,
+                "train_items": freeze(grid.train),
+                "dataset_options_items": freeze(grid.dataset_options),
+                "model_kwargs_items": freeze(grid.model_kwargs),
+            }
+            for forget, seeds in forget_requests(grid, dataset):
+                ref_seed = forget.seed if grid.scenario == "HR" else TRAIN_SEED
+                specs += [RunSpec(forget=forget, seed=ref_seed, method=m, **common)
+                          for m in REFERENCE_METHODS]
+                for seed in seeds:
+                    for name, _ in methods:
+                        items, needs_surrogate = resolved[name]
+                        specs.append(RunSpec(
+                            forget=forget, seed=seed, method=name, hparams_items=items,
+                            surrogate=surrogate[0] if needs_surrogate else None,
+                            surrogate_n=surrogate[1] if needs_surrogate else None, **common))
+    check_unique(specs)
+    return specs
+
+
+def check_unique(specs: list[RunSpec]) -> None:
+    seen: dict[str, RunSpec] = {}
+    for spec in specs:
+        other = seen.setdefault(spec.run_id, spec)
+        if other is not spec:
+            raise ConfigError(
+                f"the grid lists the same run twice ({spec.method} on {spec.dataset}, "
+                f"{spec.forget_id}, seed {spec.seed}): remove the repeated dataset / model / seed."
+            )
+
+
+# ---------------------------------------------------------------- selecting runs
+#: Keys of ``only`` filters besides the RunSpec fields.
+EXTRA_FILTER_KEYS = ("class", "forget_id", "run_id")
+
+
+def filter_keys() -> tuple[str, ...]:
+    names = [f.name for f in fields(RunSpec)
+             if not f.name.endswith("_items") and f.name != "forget"]
+    return (*names, *EXTRA_FILTER_KEYS)
+
+
+def matches(spec: RunSpec, only: Mapping[str, Any] | None) -> bool:
+    """Whether ``spec`` passes every ``key=value`` of ``only`` (values compared as strings;
+    ``a|b`` means either; ``class`` matches any of the forget classes)."""
+    for key, wanted in (only or {}).items():
+        options = set(str(wanted).split("|"))
+        if key == "class":
+            values = {str(c) for c in spec.forget.classes}
+        elif key in ("forget_id", "run_id"):
+            values = {getattr(spec, key)}
+        else:
+            values = {str(getattr(spec, key))}
+        if not values & options:
+            return False
+    return True
+
+
+def check_only(only: Mapping[str, Any] | None) -> None:
+    allowed = filter_keys()
+    check_keys("--only filter", only or {}, allowed)
+
+
+def hparams_changed(spec: RunSpec) -> dict[str, Any]:
+    """The hyperparameters of ``spec`` that differ from the method's defaults (for display)."""
+    if spec.is_reference:
+        return {}
+    defaults = freeze(resolved_hparams(spec.method, {}))
+    return {k: v for k, v in spec.hparams_items if (k, v) not in defaults}

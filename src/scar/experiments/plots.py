@@ -1,0 +1,414 @@
+"""Report plots, drawn only from stored rows (and optional feature snapshots), with Agg.
+
+Every plot uses a fixed figure size and dpi and writes PNGs without the "Software" stamp, so
+rebuilding from the same inputs gives the same image with the same matplotlib. Each function
+returns the written path, or ``None`` (with an info log) when there is not enough data to draw.
+
+Feature snapshots (for :func:`plot_feature_projection`, the paper's Figure 1C idea: the forgotten
+class's points move into other classes) are ``.npz`` files under ``<run_dir>/features/``, named by
+:func:`feature_snapshot_path` (``<method>_<forget_id>.npz``) and written by
+:func:`save_feature_snapshot`. Arrays (loaded with ``allow_pickle=False``):
+
+- ``before``  float32 [N, D]: the original model's features (classifier-head inputs) of N images;
+- ``after``   float32 [N, D]: the unlearned model's features of the same images, same order;
+- ``labels``  int64 [N]: their true classes;
+- ``removed`` int64 [K]: the removed class ids (CR; empty for HR);
+- ``title``   optional 0-d unicode string shown above the figure.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from scar.errors import ConfigError
+from scar.evaluation.audit import AUS_KEYS
+from scar.evaluation.aus import AUS_PER_RUN_LABEL
+from scar.experiments.report import (
+    ORIGINAL,
+    RETRAIN,
+    GroupSummary,
+    method_labels,
+    method_order,
+    natural_key,
+    ok_rows,
+)
+from scar.utils import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+DPI = 120
+FIGSIZE = (6.4, 4.8)
+WIDE_FIGSIZE = (11.0, 4.8)
+FEATURES_SUBDIR = "features"
+#: At most this many points per panel in a projection (a fixed random subset, seed 0).
+MAX_PROJECTION_POINTS = 3000
+SNAPSHOT_KEYS = ("before", "after", "labels", "removed")
+
+
+# ---------------------------------------------------------------- shared helpers
+def _figure(figsize: tuple[float, float] = FIGSIZE) -> Figure:
+    fig = Figure(figsize=figsize, dpi=DPI)
+    FigureCanvasAgg(fig)  # Agg explicitly; no pyplot global state
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    log.info("wrote plot %s", path)
+    return path
+
+
+def _colour(i: int, n: int) -> Any:
+    if n <= 10:
+        return colormaps["tab10"](i % 10)
+    if n <= 20:
+        return colormaps["tab20"](i % 20)
+    return colormaps["turbo"](i / max(n - 1, 1))
+
+
+def _marker(method: str) -> tuple[str, float]:
+    if method == ORIGINAL:
+        return "*", 14.0
+    if method == RETRAIN:
+        return "s", 9.0
+    return "o", 8.0
+
+
+def _skip(what: str, why: str) -> None:
+    log.info("skipping %s plot: %s", what, why)
+
+
+# ---------------------------------------------------------------- AUS vs time
+def _aus_time_points(groups: Sequence[GroupSummary]) -> list[tuple[GroupSummary, float, float]]:
+    points = []
+    for g in groups:
+        time = g.stats.get("time/unlearn_s")
+        if g.aus_per_run is None or time is None or not time.mean > 0:
+            continue
+        points.append((g, time.mean, time.std))
+    return points
+
+
+def plot_aus_vs_time(groups: Sequence[GroupSummary], path: str | Path) -> Path | None:
+    """AUS (per-run mean ± std) against unlearning time (log scale), one labelled point per
+    method; methods without a positive time (usually the original) are left out."""
+    points = _aus_time_points(groups)
+    if not points:
+        _skip("AUS vs time", "no group has both an AUS and a positive unlearning time")
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (g, t, t_std) in enumerate(points):
+        marker, size = _marker(g.method)
+        # Log axis: keep the lower error bar above zero.
+        xerr = [[min(t_std, 0.9 * t)], [t_std]]
+        ax.errorbar(
+            [t],
+            [g.aus_per_run.mean],
+            xerr=xerr,
+            yerr=[g.aus_per_run.std],
+            fmt=marker,
+            markersize=size,
+            color=_colour(i, len(points)),
+            capsize=3,
+        )
+        ax.annotate(
+            g.method, (t, g.aus_per_run.mean), textcoords="offset points", xytext=(6, 6), fontsize=8
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("unlearning time (s, log scale)")
+    ax.set_ylabel(AUS_PER_RUN_LABEL)
+    ax.set_title(_groups_title(groups, "AUS vs unlearning time"))
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _groups_title(groups: Sequence[GroupSummary], what: str) -> str:
+    keys = sorted({g.table_key for g in groups})
+    return f"{what}: " + "; ".join(" / ".join(k) for k in keys) if keys else what
+
+
+# ---------------------------------------------------------------- forget vs retain
+def _accuracy_pair(g: GroupSummary) -> tuple[Any, Any] | None:
+    keys = AUS_KEYS.get(g.scenario)
+    if keys is None:
+        return None
+    a_t, a_f = g.stats.get(keys["a_t"]), g.stats.get(keys["a_f"])
+    return (a_t, a_f) if a_t is not None and a_f is not None else None
+
+
+def plot_forget_vs_retain(groups: Sequence[GroupSummary], path: str | Path) -> Path | None:
+    """Forget accuracy (CR test-forget, HR train-forget) against kept-data accuracy (CR
+    retain-test, HR test), in %, one point per method; original ★ and retrain ■ marked."""
+    points = [(g, pair) for g in groups if (pair := _accuracy_pair(g)) is not None]
+    if not points:
+        _skip("forget vs retain", "no group has both accuracies")
+        return None
+    scenarios = sorted({g.scenario for g, _ in points})
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, (g, (a_t, a_f)) in enumerate(points):
+        marker, size = _marker(g.method)
+        ax.errorbar(
+            [100 * a_t.mean],
+            [100 * a_f.mean],
+            xerr=[100 * a_t.std],
+            yerr=[100 * a_f.std],
+            fmt=marker,
+            markersize=size,
+            color=_colour(i, len(points)),
+            capsize=3,
+            label=g.method,
+        )
+        ax.annotate(
+            g.method,
+            (100 * a_t.mean, 100 * a_f.mean),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+        )
+    single = scenarios[0] if len(scenarios) == 1 else None
+    ax.set_xlabel(
+        {"CR": "retain-test accuracy (%)", "HR": "test accuracy (%)"}.get(
+            single, "retain / test accuracy (%)"
+        )
+    )
+    ax.set_ylabel(
+        {"CR": "forget-test accuracy (%)", "HR": "train-forget accuracy (%)"}.get(
+            single, "forget accuracy (%)"
+        )
+    )
+    ax.set_title(_groups_title(groups, "forget vs kept accuracy"))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- per class
+def _per_class_values(
+    rows: Sequence[Mapping[str, Any]],
+) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """(methods, classes, mean forget-test accuracy by (method, class)) of one CR table."""
+    cr = [r for r in ok_rows(rows) if str(r.get("scenario")).upper() == "CR"]
+    tables = sorted({(str(r.get("dataset")), str(r.get("model"))) for r in cr})
+    if len(tables) > 1:
+        log.info(
+            "per-class plot: rows of %d tables given; drawing %s only",
+            len(tables),
+            " / ".join(tables[0]),
+        )
+    cr = [r for r in cr if (str(r.get("dataset")), str(r.get("model"))) == tables[0]] if cr else []
+    sums: dict[tuple[str, str], list[float]] = {}
+    labels = method_labels(cr)
+    for row, label in zip(cr, labels):
+        value = (row.get("metrics") or {}).get("acc/test_forget")
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            sums.setdefault((label, str(row.get("forget_id"))), []).append(float(value))
+    values = {k: math.fsum(v) / len(v) for k, v in sums.items()}
+    methods = [m for m in method_order(labels) if any(k[0] == m for k in values)]
+    classes = sorted({k[1] for k in values}, key=natural_key)
+    return methods, classes, values
+
+
+def plot_per_class(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path | None:
+    """CR: per removed class, forget-test accuracy of the original (before) and of each method
+    (after), as grouped bars in %."""
+    methods, classes, values = _per_class_values(rows)
+    if not classes or not methods:
+        _skip("per-class", "no class-removal rows with a forget-test accuracy")
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    width = 0.8 / len(methods)
+    x = np.arange(len(classes))
+    for i, method in enumerate(methods):
+        heights = [100 * values.get((method, c), np.nan) for c in classes]
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            heights,
+            width,
+            label=method,
+            color=_colour(i, len(methods)),
+            edgecolor="black" if method == ORIGINAL else None,
+        )
+    ax.set_xticks(x, classes, rotation=45 if len(classes) > 8 else 0, fontsize=8)
+    ax.set_xlabel("removed class (forget request)")
+    ax.set_ylabel("forget-test accuracy (%)")
+    ax.set_title("forget-test accuracy per removed class (original = before)")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- feature snapshots
+def feature_snapshot_path(run_dir: str | Path, method: str, forget_id: str) -> Path:
+    """``<run_dir>/features/<method>_<forget_id>.npz`` (file-name-safe)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{method}_{forget_id}").strip("-")
+    return Path(run_dir) / FEATURES_SUBDIR / f"{stem}.npz"
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _check_snapshot(
+    before: np.ndarray, after: np.ndarray, labels: np.ndarray, removed: np.ndarray
+) -> None:
+    if before.ndim != 2 or before.shape != after.shape:
+        raise ConfigError(
+            "feature snapshot: 'before' and 'after' must be [N, D] arrays of the same shape; "
+            f"got {before.shape} and {after.shape}."
+        )
+    if labels.shape != (before.shape[0],):
+        raise ConfigError(
+            f"feature snapshot: 'labels' must have shape ({before.shape[0]},) to match the "
+            f"features; got {labels.shape}."
+        )
+    if removed.ndim != 1:
+        raise ConfigError(f"feature snapshot: 'removed' must be 1-D; got shape {removed.shape}.")
+
+
+def save_feature_snapshot(
+    path: str | Path, before: Any, after: Any, labels: Any, removed: Any, title: str | None = None
+) -> Path:
+    """Write a feature snapshot (format in the module docstring) atomically; returns the path."""
+    arrays = {
+        "before": _to_numpy(before).astype(np.float32),
+        "after": _to_numpy(after).astype(np.float32),
+        "labels": _to_numpy(labels).astype(np.int64).reshape(-1),
+        "removed": _to_numpy(removed).astype(np.int64).reshape(-1),
+    }
+    _check_snapshot(*(arrays[k] for k in SNAPSHOT_KEYS))
+    if title is not None:
+        arrays["title"] = np.array(str(title))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def load_feature_snapshot(path: str | Path) -> dict[str, Any]:
+    """The snapshot's arrays (validated), plus ``title`` (str or None)."""
+    with np.load(Path(path), allow_pickle=False) as data:
+        missing = [k for k in SNAPSHOT_KEYS if k not in data.files]
+        if missing:
+            raise ConfigError(
+                f"feature snapshot {path} lacks arrays {missing}; expected {list(SNAPSHOT_KEYS)} "
+                f"(see scar.experiments.plots); got {sorted(data.files)}."
+            )
+        out: dict[str, Any] = {k: np.asarray(data[k]) for k in SNAPSHOT_KEYS}
+        out["title"] = str(data["title"]) if "title" in data.files else None
+    _check_snapshot(*(out[k] for k in SNAPSHOT_KEYS))
+    return out
+
+
+def pca_2d(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean [D], top-2 principal directions [D, 2]) of rows of ``x``, via SVD."""
+    x = np.asarray(x, dtype=np.float64)
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    basis = vt[:2].T
+    # SVD signs are arbitrary; fix them so the largest loading is positive (stable pictures).
+    signs = np.sign(basis[np.abs(basis).argmax(axis=0), np.arange(basis.shape[1])])
+    return mean, basis * np.where(signs == 0, 1.0, signs)
+
+
+def _subset(n: int) -> np.ndarray:
+    if n <= MAX_PROJECTION_POINTS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(0).choice(n, MAX_PROJECTION_POINTS, replace=False))
+
+
+def _scatter_panel(
+    ax: Axes,
+    xy: np.ndarray,
+    labels: np.ndarray,
+    removed: np.ndarray,
+    classes: np.ndarray,
+    title: str,
+) -> None:
+    is_removed = np.isin(labels, removed)
+    for i, c in enumerate(classes):
+        kept = (labels == c) & ~is_removed
+        ax.scatter(
+            xy[kept, 0],
+            xy[kept, 1],
+            s=6,
+            color=_colour(i, len(classes)),
+            alpha=0.6,
+            linewidths=0,
+            label=f"class {c}" if len(classes) <= 10 else None,
+        )
+    for i, c in enumerate(classes):
+        gone = (labels == c) & is_removed
+        if gone.any():
+            ax.scatter(
+                xy[gone, 0],
+                xy[gone, 1],
+                s=22,
+                marker="X",
+                color=_colour(i, len(classes)),
+                edgecolors="black",
+                linewidths=0.6,
+                label=f"class {c} (removed)",
+            )
+    ax.set_title(title)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+
+
+def plot_feature_projection(npz_path: str | Path, path: str | Path) -> Path | None:
+    """Features before and after unlearning side by side, projected on one shared 2-D PCA basis
+    (fitted on both sets together, so the axes are comparable); points coloured by class, the
+    removed class drawn as black-edged crosses."""
+    snap = load_feature_snapshot(npz_path)
+    before, after, labels = snap["before"], snap["after"], snap["labels"]
+    if before.shape[0] < 3 or before.shape[1] < 2:
+        _skip(
+            "feature projection",
+            f"{npz_path} holds {before.shape[0]} points of "
+            f"{before.shape[1]} dims; need >= 3 points and >= 2 dims",
+        )
+        return None
+    idx = _subset(before.shape[0])
+    before, after, labels = before[idx], after[idx], labels[idx]
+    mean, basis = pca_2d(np.concatenate([before, after]))
+    classes = np.unique(labels)
+    fig = _figure(WIDE_FIGSIZE)
+    axes = fig.subplots(1, 2, sharex=True, sharey=True)
+    _scatter_panel(
+        axes[0],
+        (before - mean) @ basis,
+        labels,
+        snap["removed"],
+        classes,
+        "before unlearning (original)",
+    )
+    _scatter_panel(
+        axes[1], (after - mean) @ basis, labels, snap["removed"], classes, "after unlearning"
+    )
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), markerscale=2)
+    fig.suptitle(snap["title"] or f"feature projection (PCA): {Path(npz_path).stem}")
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,833 @@
+"""Reports built only from stored result rows: tables (Markdown, CSV, LaTeX), notes and plots.
+
+A run directory holds ``results.jsonl``: one JSON object per finished run (``status`` "ok" or
+"failed"). Nothing here touches a model or a dataset; every number comes from those rows, so a
+report can be rebuilt at any time and, from the same rows, is byte-identical (Markdown, CSV and
+LaTeX carry no timestamps and everything is sorted deterministically).
+
+Aggregation: ok rows are grouped per table by (dataset, model, scenario) and per row by method
+over the forget requests (classes in CR, seeds in HR). Every metric is shown as mean ± sample std
+(ddof=1; 0 for a single run). AUS is reported both ways, labelled (protocol.md):
+
+- :data:`~scar.evaluation.aus.AUS_ON_MEANS_LABEL`: :func:`~scar.evaluation.aus.aus_on_means`
+  over per-run (A_or, A_t, A_f), A_or taken from the *original* row of the same forget request;
+- :data:`~scar.evaluation.aus.AUS_PER_RUN_LABEL`: mean ± std of the rows' own ``aus``.
+
+If one method appears with several hyper-parameter settings in a table, each setting becomes its
+own row, labelled with the keys that differ (``scar [lambda_2=5]``), rather than being averaged
+together silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from scar.errors import MissingDataError
+from scar.evaluation.audit import AUS_KEYS
+from scar.evaluation.aus import AUS_ON_MEANS_LABEL, AUS_PER_RUN_LABEL, aus_on_means
+from scar.evaluation.mia import MIAResult, attack_separates
+from scar.utils import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+DEFAULT_OUT_SUBDIR = "report"
+PLOTS_SUBDIR = "plots"
+ORIGINAL = "original"
+RETRAIN = "retrain"
+#: Original vs retrain MIA gap (accuracy or AUC) below which the attack "does not separate".
+MIA_MARGIN = 0.05
+DASH = "—"
+
+#: Metric keys in the order used for CSV columns; other numeric keys follow, sorted.
+KNOWN_METRICS: tuple[str, ...] = (
+    "acc/train_forget",
+    "acc/train_retain",
+    "acc/test",
+    "acc/test_forget",
+    "acc/test_retain",
+    "mia/acc",
+    "mia/f1",
+    "mia/auc",
+    "mia/chance_dist",
+    "aus",
+    "time/unlearn_s",
+)
+
+
+@dataclass(frozen=True)
+class Column:
+    """One table column: a header and how to render a group's value."""
+
+    header: str
+    key: str  # a metric key, or one of the special keys below
+    kind: str  # "pct" (accuracy → %), "score" (3 decimals), "time" (seconds), "text"
+
+
+_AUS_MEANS = "__aus_on_means"
+_AUS_RUNS = "__aus_per_run"
+_RETAIN_FREE = "__retain_free"
+_N = "__n"
+
+_HEAD_COLUMNS: tuple[Column, ...] = (
+    Column("retain-free", _RETAIN_FREE, "text"),
+    Column("n", _N, "text"),
+)
+_TAIL_COLUMNS: tuple[Column, ...] = (
+    Column("MIA acc", "mia/acc", "score"),
+    Column("MIA AUC", "mia/auc", "score"),
+    Column(AUS_ON_MEANS_LABEL, _AUS_MEANS, "score"),
+    Column(AUS_PER_RUN_LABEL, _AUS_RUNS, "score"),
+    Column("time (s)", "time/unlearn_s", "time"),
+)
+TABLE_COLUMNS: dict[str, tuple[Column, ...]] = {
+    "CR": _HEAD_COLUMNS
+    + (
+        Column("retain-test acc (%)", "acc/test_retain", "pct"),
+        Column("forget-test acc (%)", "acc/test_forget", "pct"),
+        Column("train-forget acc (%)", "acc/train_forget", "pct"),
+    )
+    + _TAIL_COLUMNS,
+    "HR": _HEAD_COLUMNS
+    + (
+        Column("test acc (%)", "acc/test", "pct"),
+        Column("train-forget acc (%)", "acc/train_forget", "pct"),
+        Column("retain acc (%)", "acc/train_retain", "pct"),
+    )
+    + _TAIL_COLUMNS,
+}
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and spread of one quantity over ``n`` runs (spread: sample std, or SE where noted)."""
+
+    mean: float
+    std: float
+    n: int
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One table row: a method (label) on one (dataset, model, scenario), over forget requests."""
+
+    dataset: str
+    model: str
+    scenario: str
+    method: str  # the row label: the method name, plus differing hparams if it was swept
+    n: int
+    forget_ids: tuple[str, ...]
+    stats: dict[str, Stat] = field(default_factory=dict)
+    aus_on_means: Stat | None = None  # std = propagated standard error
+    aus_per_run: Stat | None = None
+    retain_free: str = DASH
+    access_profile: str | None = None
+    devices: tuple[str, ...] = ()
+    mia_variant: str | None = None
+
+    @property
+    def table_key(self) -> tuple[str, str, str]:
+        return (self.dataset, self.model, self.scenario)
+
+    def mean(self, key: str) -> float | None:
+        stat = self.stats.get(key)
+        return stat.mean if stat is not None else None
+
+
+# ---------------------------------------------------------------- loading
+def _parse_lines(lines: Sequence[str], source: Path) -> tuple[list[dict], int]:
+    rows: list[dict] = []
+    skipped = 0
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            where = "truncated last line" if i == last else "unreadable line"
+            log.warning("%s: skipping %s %d (%s)", source, where, i + 1, exc)
+            skipped += 1
+            continue
+        if not isinstance(row, dict):
+            log.warning("%s: skipping line %d: not a JSON object", source, i + 1)
+            skipped += 1
+            continue
+        rows.append(row)
+    return rows, skipped
+
+
+def read_rows(run_dir: str | Path) -> tuple[list[dict], int]:
+    """(rows in file order, number of unreadable lines skipped) of ``run_dir/results.jsonl``."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.is_file():
+        raise MissingDataError(
+            f"no {RESULTS_FILE} in {Path(run_dir)}; a run directory holds the rows written by "
+            "`scar run` (one JSON object per line)."
+        )
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return _parse_lines(text.splitlines(), path)
+
+
+def load_rows(run_dir: str | Path) -> list[dict]:
+    """The result rows of ``run_dir`` in file order; a truncated last line is skipped (warning)."""
+    return read_rows(run_dir)[0]
+
+
+def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """One row per ``run_id``: a later row replaces an earlier one (a rerun after a failure)."""
+    by_id: dict[Any, dict] = {}
+    anonymous: list[dict] = []
+    for row in rows:
+        run_id = row.get("run_id")
+        if run_id is None:
+            anonymous.append(dict(row))
+            continue
+        if run_id in by_id:
+            log.info("run %s appears again; the later row replaces the earlier one", run_id)
+            del by_id[run_id]  # re-insert so file order reflects the latest row
+        by_id[run_id] = dict(row)
+    return list(by_id.values()) + anonymous
+
+
+def ok_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    return [dict(r) for r in latest_rows(rows) if r.get("status", "ok") == "ok"]
+
+
+def failed_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    return [dict(r) for r in latest_rows(rows) if r.get("status", "ok") != "ok"]
+
+
+# ---------------------------------------------------------------- small helpers
+def natural_key(text: Any) -> tuple:
+    """Sort key with numbers compared as numbers: class2 < class10."""
+    parts = re.split(r"(\d+)", str(text))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def mean_std(values: Sequence[float]) -> Stat:
+    """Mean and sample std (ddof=1; 0 for one value)."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return Stat(mean, std, n)
+
+
+def _table_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
+    return (str(row.get("dataset")), str(row.get("model")), str(row.get("scenario")).upper())
+
+
+def _hparam_text(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _varying_keys(settings: Iterable[str]) -> list[str]:
+    """Hyper-parameter names whose values differ among the JSON-encoded ``settings``."""
+    decoded = [json.loads(s) for s in sorted(settings)]
+    names = set().union(*decoded)
+    return sorted(k for k in names if len({_hparam_text(h.get(k)) for h in decoded}) > 1)
+
+
+def _value_text(value: Any) -> str:
+    return value if isinstance(value, str) else _hparam_text(value)
+
+
+def method_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Row label per row: the method, plus ``[k=v, …]`` when the method's hparams vary."""
+    settings: dict[tuple, set[str]] = {}
+    for row in rows:
+        key = (*_table_key(row), row.get("method"))
+        settings.setdefault(key, set()).add(_hparam_text(row.get("hparams") or {}))
+    varying = {key: _varying_keys(s) for key, s in settings.items() if len(s) > 1}
+    labels = []
+    for row in rows:
+        name = str(row.get("method"))
+        keys = varying.get((*_table_key(row), row.get("method")))
+        if keys:
+            own = row.get("hparams") or {}
+            shown = (_value_text(own[k]) if k in own else "unset" for k in keys)
+            name += " [" + ", ".join(f"{k}={v}" for k, v in zip(keys, shown)) + "]"
+        labels.append(name)
+    return labels
+
+
+def method_order(labels: Sequence[str]) -> list[str]:
+    seen: list[str] = []
+    for label in labels:
+        if label not in seen:
+            seen.append(label)
+    head = [m for m in (ORIGINAL, RETRAIN) if m in seen]
+    return head + [m for m in seen if m not in head]
+
+
+def _row_sort_key(row: Mapping[str, Any]) -> tuple:
+    return (natural_key(row.get("forget_id")), natural_key(row.get("seed")), str(row.get("run_id")))
+
+
+# ---------------------------------------------------------------- AUS inputs
+def _originals(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, Mapping[str, Any]]:
+    """Original rows' metrics by (table key, forget_id, seed) and by (table key, forget_id)."""
+    index: dict[tuple, Mapping[str, Any]] = {}
+    for row in sorted((r for r in rows if r.get("method") == ORIGINAL), key=_row_sort_key):
+        metrics = row.get("metrics") or {}
+        index.setdefault((*_table_key(row), row.get("forget_id"), row.get("seed")), metrics)
+        index.setdefault((*_table_key(row), row.get("forget_id")), metrics)
+    return index
+
+
+def aus_inputs(
+    row: Mapping[str, Any], originals: Mapping[tuple, Mapping[str, Any]]
+) -> dict[str, float] | None:
+    """(a_or, a_t, a_f) of one run, A_or from the original row of the same forget request."""
+    scenario = _table_key(row)[2]
+    if scenario not in AUS_KEYS:
+        return None
+    keys = AUS_KEYS[scenario]
+    base = (*_table_key(row), row.get("forget_id"))
+    original = originals.get((*base, row.get("seed"))) or originals.get(base)
+    metrics = row.get("metrics") or {}
+    values = {
+        "a_or": (original or {}).get(keys["a_t"]),
+        "a_t": metrics.get(keys["a_t"]),
+        "a_f": metrics.get(keys["a_f"]),
+    }
+    if not all(_is_number(v) for v in values.values()):
+        return None
+    return {k: float(v) for k, v in values.items()}
+
+
+def _aus_on_means(
+    runs: Sequence[Mapping[str, Any]], originals: Mapping[tuple, Any], scenario: str, label: str
+) -> Stat | None:
+    inputs = [aus_inputs(r, originals) for r in runs]
+    usable = [x for x in inputs if x is not None]
+    if len(usable) < len(inputs):
+        log.warning(
+            "%s (%s): %d of %d runs lack A_or/A_t/A_f (no original row for the same "
+            "forget request?); AUS on means uses the other %d",
+            label,
+            scenario,
+            len(inputs) - len(usable),
+            len(inputs),
+            len(usable),
+        )
+    if not usable:
+        return None
+    value = aus_on_means(usable, scenario)
+    return Stat(float(value.nominal_value), float(value.std_dev), len(usable))
+
+
+# ---------------------------------------------------------------- access / devices
+def retain_free(runs: Sequence[Mapping[str, Any]], method: str) -> str:
+    """ "yes"/"no" from the rows' data-access profiles ("no" if any run read the retain set)."""
+    answers = set()
+    for row in runs:
+        access = row.get("access") or {}
+        match = re.search(r"retain-free:\s*(yes|no)", str(access.get("profile", "")))
+        if match:
+            answers.add(match.group(1))
+        elif isinstance(access.get("images_loaded"), Mapping):
+            answers.add("no" if access["images_loaded"].get("retain", 0) else "yes")
+    if answers:
+        return "no" if "no" in answers else "yes"
+    if method == RETRAIN:
+        return "no"  # the oracle is trained on the retain set by definition
+    return DASH
+
+
+def _first_profile(runs: Sequence[Mapping[str, Any]]) -> str | None:
+    for row in runs:
+        profile = (row.get("access") or {}).get("profile")
+        if profile:
+            return str(profile)
+    return None
+
+
+def device_label(row: Mapping[str, Any]) -> str:
+    name = row.get("device_name") or row.get("device") or "unknown device"
+    device = row.get("device")
+    return f"{name} ({device})" if device and not str(name).startswith(str(device)) else str(name)
+
+
+def _metric_stats(runs: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
+    values: dict[str, list[float]] = {}
+    for row in runs:
+        for key, value in (row.get("metrics") or {}).items():
+            if _is_number(value):
+                values.setdefault(key, []).append(float(value))
+    return {k: mean_std(v) for k, v in sorted(values.items())}
+
+
+def _variant(runs: Sequence[Mapping[str, Any]]) -> str | None:
+    variants = sorted(
+        {str(m["mia/variant"]) for r in runs if "mia/variant" in (m := r.get("metrics") or {})}
+    )
+    return "/".join(variants) or None
+
+
+# ---------------------------------------------------------------- summarize
+def _summarize_group(
+    key: tuple[str, str, str], label: str, runs: list[dict], originals: Mapping[tuple, Any]
+) -> GroupSummary:
+    runs = sorted(runs, key=_row_sort_key)
+    stats = _metric_stats(runs)
+    method = str(runs[0].get("method"))
+    return GroupSummary(
+        dataset=key[0],
+        model=key[1],
+        scenario=key[2],
+        method=label,
+        n=len(runs),
+        forget_ids=tuple(sorted({str(r.get("forget_id")) for r in runs}, key=natural_key)),
+        stats=stats,
+        aus_on_means=_aus_on_means(runs, originals, key[2], label),
+        aus_per_run=stats.get("aus"),
+        retain_free=retain_free(runs, method),
+        access_profile=_first_profile(runs),
+        devices=tuple(sorted({device_label(r) for r in runs})),
+        mia_variant=_variant(runs),
+    )
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> list[GroupSummary]:
+    """Ok rows grouped by (dataset, model, scenario, method): tables sorted by key, rows ordered
+    original, retrain, then methods in order of first appearance."""
+    good = ok_rows(rows)
+    labels = method_labels(good)
+    originals = _originals(good)
+    groups: dict[tuple[str, str, str], dict[str, list[dict]]] = {}
+    for row, label in zip(good, labels):
+        groups.setdefault(_table_key(row), {}).setdefault(label, []).append(row)
+    out: list[GroupSummary] = []
+    for key in sorted(groups):
+        by_label = groups[key]
+        for label in method_order(list(by_label)):
+            out.append(_summarize_group(key, label, by_label[label], originals))
+    return out
+
+
+def split_tables(groups: Sequence[GroupSummary]) -> dict[tuple[str, str, str], list[GroupSummary]]:
+    tables: dict[tuple[str, str, str], list[GroupSummary]] = {}
+    for g in groups:
+        tables.setdefault(g.table_key, []).append(g)
+    return dict(sorted(tables.items()))
+
+
+# ---------------------------------------------------------------- cells
+def format_stat(stat: Stat | None, kind: str) -> str:
+    """ "72.93 ± 1.20" for accuracies (as %), 3 decimals for scores, 2 for seconds."""
+    if stat is None:
+        return DASH
+    if kind == "pct":
+        return f"{100 * stat.mean:.2f} ± {100 * stat.std:.2f}"
+    if kind == "time":
+        return f"{stat.mean:.2f} ± {stat.std:.2f}"
+    return f"{stat.mean:.3f} ± {stat.std:.3f}"
+
+
+def cell(group: GroupSummary, column: Column) -> str:
+    if column.key == _RETAIN_FREE:
+        return group.retain_free
+    if column.key == _N:
+        return str(group.n)
+    if column.key == _AUS_MEANS:
+        return format_stat(group.aus_on_means, column.kind)
+    if column.key == _AUS_RUNS:
+        return format_stat(group.aus_per_run, column.kind)
+    return format_stat(group.stats.get(column.key), column.kind)
+
+
+def _columns_for(groups: Sequence[GroupSummary]) -> tuple[Column, ...]:
+    scenarios = sorted({g.scenario for g in groups})
+    if len(scenarios) != 1 or scenarios[0] not in TABLE_COLUMNS:
+        raise ValueError(
+            f"one table holds one scenario of {sorted(TABLE_COLUMNS)}; got {scenarios}"
+        )
+    return TABLE_COLUMNS[scenarios[0]]
+
+
+def table_cells(groups: Sequence[GroupSummary]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows of cells) of one table; dataset/model columns only if they vary."""
+    columns = _columns_for(groups)
+    lead = [
+        name
+        for name, attr in (("dataset", "dataset"), ("model", "model"))
+        if len({getattr(g, attr) for g in groups}) > 1
+    ]
+    header = lead + ["method"] + [c.header for c in columns]
+    body = [
+        [getattr(g, name) for name in lead] + [g.method] + [cell(g, c) for c in columns]
+        for g in groups
+    ]
+    return header, body
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def format_markdown_table(groups: Sequence[GroupSummary]) -> str:
+    """A GitHub-flavoured Markdown table of one scenario's groups (pure)."""
+    if not groups:
+        return ""
+    header, body = table_cells(groups)
+    lines = [
+        "| " + " | ".join(_md_escape(h) for h in header) + " |",
+        "|" + "|".join(" --- " for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(_md_escape(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- notes
+def _mia_from_group(g: GroupSummary) -> MIAResult | None:
+    acc, auc = g.stats.get("mia/acc"), g.stats.get("mia/auc")
+    if acc is None or auc is None:
+        return None
+    f1 = g.stats.get("mia/f1") or Stat(float("nan"), 0.0, 0)
+    chance = g.stats.get("mia/chance_dist") or Stat(abs(acc.mean - 0.5), 0.0, 0)
+    return MIAResult(
+        accuracy=acc.mean,
+        accuracy_std=acc.std,
+        f1=f1.mean,
+        f1_std=f1.std,
+        auc=auc.mean,
+        auc_std=auc.std,
+        chance_distance=chance.mean,
+        n_members=0,
+        n_nonmembers=0,
+        variant=g.mia_variant or "balanced",
+    )
+
+
+def mia_separation_note(groups: Sequence[GroupSummary], margin: float = MIA_MARGIN) -> str:
+    """Whether the MIA tells the original model from the oracle (means over forget requests)."""
+    by_method = {g.method: g for g in groups}
+    original, retrain = by_method.get(ORIGINAL), by_method.get(RETRAIN)
+    if original is None or retrain is None:
+        return (
+            "MIA separation: unknown — the table lacks the original or the retrain row, so "
+            "whether the attack can measure forgetting at all cannot be judged."
+        )
+    a, b = _mia_from_group(original), _mia_from_group(retrain)
+    if a is None or b is None:
+        return "MIA separation: unknown — no MIA numbers for the original or the retrain model."
+    if a.variant != b.variant:
+        return (
+            f"MIA separation: unknown — original ({a.variant}) and retrain ({b.variant}) "
+            "were attacked with different MIA variants."
+        )
+    values = (
+        f"mean AUC {a.auc:.3f} (original) vs {b.auc:.3f} (retrain), "
+        f"mean accuracy {a.accuracy:.3f} vs {b.accuracy:.3f}"
+    )
+    if attack_separates(a, b, margin):
+        return (
+            f"MIA separation: the {a.variant} attack separates the original model from the "
+            f"retrained one ({values}; gap > {margin}); a method close to retrain's values "
+            "forgot in this sense."
+        )
+    return (
+        f"MIA separation: the {a.variant} attack does not separate the original model from "
+        f"the retrained one ({values}; gap <= {margin}) — its numbers cannot show whether "
+        "forgetting happened."
+    )
+
+
+def device_note(groups: Sequence[GroupSummary]) -> str:
+    """Which device(s) measured the times, and for which methods."""
+    where: dict[str, list[str]] = {}
+    for g in groups:
+        for d in g.devices:
+            where.setdefault(d, []).append(g.method)
+    if not where:
+        return "Device: not recorded."
+    parts = [f"{d} ({', '.join(methods)})" for d, methods in sorted(where.items())]
+    return "Device: " + "; ".join(parts) + "."
+
+
+def access_notes(groups: Sequence[GroupSummary]) -> list[str]:
+    return [f"{g.method}: {g.access_profile}" for g in groups if g.access_profile]
+
+
+def error_line(text: Any) -> str:
+    """The telling line of a stored error: the first, or a traceback's last (the exception)."""
+    lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+    if not lines:
+        return "(no error recorded)"
+    return lines[-1] if lines[0].startswith("Traceback") else lines[0]
+
+
+def failed_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per (table, method, first error line): count, forget ids, the error."""
+    groups: dict[tuple, list[str]] = {}
+    for row in failed_rows(rows):
+        key = (*_table_key(row), str(row.get("method")), error_line(row.get("error")))
+        groups.setdefault(key, []).append(str(row.get("forget_id")))
+    lines = []
+    for (dataset, model, scenario, method, error), ids in sorted(groups.items()):
+        ids = sorted(ids, key=natural_key)
+        lines.append(
+            f"{dataset} / {model} / {scenario} / {method}: {len(ids)} failed "
+            f"({', '.join(ids)}): {error}"
+        )
+    return lines
+
+
+# ---------------------------------------------------------------- files
+def table_slug(key: tuple[str, str, str]) -> str:
+    """File-name-safe stem of a table key."""
+    return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", part).strip("-") or "x" for part in key)
+
+
+def table_title(key: tuple[str, str, str]) -> str:
+    return f"{key[0]} / {key[1]} / {key[2]}"
+
+
+def _csv_metric_keys(groups: Sequence[GroupSummary]) -> list[str]:
+    present = set().union(*(g.stats for g in groups)) if groups else set()
+    return [k for k in KNOWN_METRICS if k in present] + sorted(present - set(KNOWN_METRICS))
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def format_csv(groups: Sequence[GroupSummary]) -> str:
+    """One line per group with raw (unrounded) means and stds."""
+    keys = _csv_metric_keys(groups)
+    header = [
+        "dataset",
+        "model",
+        "scenario",
+        "method",
+        "n",
+        "forget_ids",
+        "retain_free",
+        "aus_on_means",
+        "aus_on_means_se",
+        "aus_per_run_mean",
+        "aus_per_run_std",
+    ]
+    for k in keys:
+        header += [f"{k}_mean", f"{k}_std"]
+    header += ["devices"]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    for g in groups:
+        line = [
+            g.dataset,
+            g.model,
+            g.scenario,
+            g.method,
+            g.n,
+            ";".join(g.forget_ids),
+            g.retain_free,
+        ]
+        for stat in (g.aus_on_means, g.aus_per_run):
+            line += [_num(stat.mean if stat else None), _num(stat.std if stat else None)]
+        for k in keys:
+            stat = g.stats.get(k)
+            line += [_num(stat.mean if stat else None), _num(stat.std if stat else None)]
+        line.append("; ".join(g.devices))
+        writer.writerow(line)
+    return buf.getvalue()
+
+
+_TEX_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def tex_escape(text: str) -> str:
+    out = "".join(_TEX_ESCAPES.get(ch, ch) for ch in text)
+    return out.replace("±", r"$\pm$").replace(DASH, "--")
+
+
+def format_latex_table(groups: Sequence[GroupSummary]) -> str:
+    """A booktabs ``tabular`` of one table (needs ``\\usepackage{booktabs}``)."""
+    header, body = table_cells(groups)
+    lines = [
+        r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+        r"\toprule",
+        " & ".join(tex_escape(h) for h in header) + r" \\",
+        r"\midrule",
+    ]
+    lines += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in body]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def format_latex(groups: Sequence[GroupSummary]) -> str:
+    parts = ["% SCAR report tables, built from results.jsonl; needs \\usepackage{booktabs}."]
+    for key, table in split_tables(groups).items():
+        parts += ["", f"% {tex_escape(table_title(key))}", format_latex_table(table)]
+    return "\n".join(parts) + "\n"
+
+
+# ---------------------------------------------------------------- markdown
+def _md_table_section(
+    key: tuple[str, str, str], table: Sequence[GroupSummary], plots: Mapping[str, str]
+) -> list[str]:
+    lines = [f"## {table_title(key)}", "", format_markdown_table(table), ""]
+    lines.append(f"- {mia_separation_note(table)}")
+    lines.append(f"- {device_note(table)}")
+    lines.append(
+        f"- Accuracies in %, mean ± sample std over the forget requests "
+        f"({'classes' if key[2] == 'CR' else 'seeds'}); n = runs."
+    )
+    access = access_notes(table)
+    if access:
+        lines += ["", "Data access per method (first run):", ""]
+        lines += [f"- {_md_escape(a)}" for a in access]
+    if plots:
+        lines.append("")
+        lines += [f"![{title}]({rel})" for title, rel in plots.items()]
+    return lines + [""]
+
+
+def format_markdown(
+    title: str,
+    groups: Sequence[GroupSummary],
+    rows: Sequence[Mapping],
+    skipped_lines: int = 0,
+    plots: Mapping[tuple, Mapping[str, str]] | None = None,
+    extra_plots: Mapping[str, str] | None = None,
+) -> str:
+    """The whole report.md (pure: same inputs → same text)."""
+    good, bad = ok_rows(rows), failed_rows(rows)
+    lines = [
+        f"# {title}",
+        "",
+        f"Built from {len(good) + len(bad)} result rows: {len(good)} ok, {len(bad)} failed"
+        + (f"; {skipped_lines} unreadable line(s) skipped." if skipped_lines else "."),
+        f"{AUS_ON_MEANS_LABEL}: AUS of the across-run mean accuracies (A_or from the "
+        f"original model of each forget request), ± propagated standard error. "
+        f"{AUS_PER_RUN_LABEL}: each run's AUS, then mean ± sample std.",
+        "",
+    ]
+    for key, table in split_tables(groups).items():
+        lines += _md_table_section(key, table, (plots or {}).get(key, {}))
+    if extra_plots:
+        lines += ["## Feature projections", ""]
+        lines += [f"![{title}]({rel})" for title, rel in extra_plots.items()] + [""]
+    failures = failed_summary(rows)
+    lines += [f"## Failed runs ({len(bad)})", ""]
+    lines += [f"- {_md_escape(f)}" for f in failures] if failures else ["None."]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _table_plots(
+    key: tuple[str, str, str],
+    table: Sequence[GroupSummary],
+    rows: Sequence[Mapping[str, Any]],
+    plot_dir: Path,
+) -> dict[str, Path]:
+    from scar.experiments import plots
+
+    slug = table_slug(key)
+    made: dict[str, Path] = {}
+    jobs = [
+        ("AUS vs time", f"{slug}_aus_vs_time.png", lambda p: plots.plot_aus_vs_time(table, p)),
+        (
+            "forget vs retain accuracy",
+            f"{slug}_forget_vs_retain.png",
+            lambda p: plots.plot_forget_vs_retain(table, p),
+        ),
+    ]
+    if key[2] == "CR":
+        table_rows = [r for r in ok_rows(rows) if _table_key(r) == key]
+        jobs.append(
+            (
+                "per removed class",
+                f"{slug}_per_class.png",
+                lambda p: plots.plot_per_class(table_rows, p),
+            )
+        )
+    for title, name, fn in jobs:
+        path = fn(plot_dir / name)
+        if path is not None:
+            made[f"{table_title(key)}: {title}"] = Path(path)
+    return made
+
+
+def _feature_plots(run_dir: Path, plot_dir: Path) -> dict[str, Path]:
+    from scar.errors import ConfigError
+    from scar.experiments import plots
+
+    made: dict[str, Path] = {}
+    for npz in sorted((run_dir / plots.FEATURES_SUBDIR).glob("*.npz")):
+        try:
+            path = plots.plot_feature_projection(npz, plot_dir / f"features_{npz.stem}.png")
+        except ConfigError as exc:
+            log.warning("skipping feature snapshot %s: %s", npz, exc)
+            continue
+        if path is not None:
+            made[f"features: {npz.stem}"] = Path(path)
+    return made
+
+
+def _relative(paths: Mapping[str, Path], base: Path) -> dict[str, str]:
+    return {title: p.relative_to(base).as_posix() for title, p in paths.items()}
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """Write report.md, results.csv, report.tex and PNG plots (all atomically) from the rows of
+    ``run_dir``; default ``out_dir`` is ``run_dir/report``. Returns name → path."""
+    return build_report(run_dir, out_dir)[1]
+
+
+def build_report(
+    run_dir: str | Path, out_dir: str | Path | None = None
+) -> tuple[list[GroupSummary], dict[str, Path]]:
+    """:func:`write_report`, also returning the group summaries (for the CLI's printout)."""
+    run_dir = Path(run_dir)
+    out = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_OUT_SUBDIR
+    rows, skipped = read_rows(run_dir)
+    groups = summarize(rows)
+    plot_dir = out / PLOTS_SUBDIR
+    written: dict[str, Path] = {}
+    plot_links: dict[tuple, dict[str, str]] = {}
+    for key, table in split_tables(groups).items():
+        made = _table_plots(key, table, rows, plot_dir)
+        plot_links[key] = _relative(made, out)
+        written.update({f"plot:{p.stem}": p for p in made.values()})
+    features = _feature_plots(run_dir, plot_dir)
+    written.update({f"plot:{p.stem}": p for p in features.values()})
+    title = f"SCAR report: {run_dir.resolve().name}"
+    texts = {
+        "markdown": (
+            out / "report.md",
+            format_markdown(title, groups, rows, skipped, plot_links, _relative(features, out)),
+        ),
+        "csv": (out / "results.csv", format_csv(groups)),
+        "latex": (out / "report.tex", format_latex(groups)),
+    }
+    for name, (path, text) in texts.items():
+        atomic_write_text(path, text)
+        written[name] = path
+    log.info("report of %d rows written to %s", len(rows), out)
+    return groups, dict(sorted(written.items()))

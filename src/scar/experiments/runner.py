@@ -1,0 +1,449 @@
+"""Run a grid: cached original / oracle checkpoints, one task per method run, rows in a store.
+
+A sweep has three phases, each one ``executor.map`` over top-level task functions taking a frozen
+dataclass of plain values (so a distributed executor can ship them; see ``executors.py``):
+
+1. :func:`train_checkpoint` — every original (key: dataset, options, model, training overrides,
+   seed 0) and oracle (the same + the forget request) checkpoint that is missing from
+   ``run_dir/checkpoints/``; existing ones (weights + sidecar) are reused, across methods and
+   across reruns. The oracle is always trained: every report compares with it.
+2. :func:`evaluate_reference` — the ``original`` and ``retrain`` rows of each forget request,
+   evaluated once per request with :func:`~scar.evaluation.audit.audit_models`; it also gives
+   A_or, the original's accuracy that every AUS of the request is measured against.
+3. :func:`run_method` — one unlearning call + its evaluation per method run; the metrics come
+   from the same functions ``audit_models`` uses, with the request's A_or (evaluating the original
+   and the oracle again for every method would only repeat phase 2).
+
+Each finished run appends one row to ``run_dir/results.jsonl`` as soon as its result arrives. A
+rerun skips run ids that already have an "ok" row (failed ones are retried); when a request's
+``original`` and ``retrain`` rows are both stored, phase 2 is skipped and A_or is read from the
+stored row. Any exception inside a task becomes a "failed" row (type + message) and the sweep goes
+on; a failed checkpoint or reference evaluation fails every pending run of its request.
+
+Within a process each dataset is loaded once per sweep and each surrogate set once per
+(dataset, source, n, seed); the caches are emptied when the sweep ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scar.checkpoint import Checkpoint, load_checkpoint, sidecar_path
+from scar.data.base import ImageSet
+from scar.data.datasets import DatasetBundle, load_dataset
+from scar.data.forget import make_splits
+from scar.errors import ScarError
+from scar.evaluation.audit import (
+    add_aus,
+    audit_models,
+    model_metrics,
+    original_reference,
+    split_loaders,
+)
+from scar.experiments.executors import Executor, LocalExecutor
+from scar.experiments.grid import (
+    TRAIN_SEED,
+    Grid,
+    RunSpec,
+    check_only,
+    expand,
+    matches,
+    stable_hash,
+)
+from scar.experiments.store import ResultsStore
+from scar.experiments.unlearn import (
+    build_unlearn_data,
+    check_dataset_matches,
+    load_surrogate_for,
+    run_unlearning,
+)
+from scar.utils import atomic_write_json, device_name, resolve_device, seed_everything, versions
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Sweep-wide settings every task needs (plain values: picklable)."""
+
+    run_dir: str
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    spec: RunSpec  # any run of the request; only its dataset / model / train / forget fields count
+    role: str  # "original" | "oracle"
+    path: str
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class ReferenceTask:
+    key: str
+    specs: tuple[RunSpec, RunSpec]  # the "original" and "retrain" runs of one request
+    original: str
+    oracle: str
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class MethodTask:
+    spec: RunSpec
+    original: str
+    a_or: float
+    settings: Settings
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    total: int
+    skipped: int
+    ok: int
+    failed: int
+
+
+# ---------------------------------------------------------------- per-process caches
+_DATASETS: dict[tuple, DatasetBundle] = {}
+_SURROGATES: dict[tuple, ImageSet] = {}
+
+
+def cached_dataset(spec: RunSpec, settings: Settings) -> DatasetBundle:
+    key = (spec.dataset, spec.dataset_options_items, settings.data_dir)
+    if key not in _DATASETS:
+        _DATASETS[key] = load_dataset(spec.dataset, data_dir=settings.data_dir,
+                                      download=settings.download, **spec.dataset_options)
+    return _DATASETS[key]
+
+
+def cached_surrogate(ck: Checkpoint, spec: RunSpec, settings: Settings) -> ImageSet:
+    key = (spec.dataset, spec.dataset_options_items, ck.input_spec.channels, ck.input_spec.size,
+           spec.surrogate, spec.surrogate_n, spec.seed)
+    if key not in _SURROGATES:
+        _SURROGATES[key] = load_surrogate_for(ck, spec.surrogate, spec.surrogate_n, spec.seed,
+                                              settings.data_dir)
+    return _SURROGATES[key]
+
+
+def clear_caches() -> None:
+    _DATASETS.clear()
+    _SURROGATES.clear()
+
+
+# ---------------------------------------------------------------- rows
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def make_row(spec: RunSpec, *, metrics: Mapping[str, Any] | None = None,
+             error: BaseException | str | None = None, access: dict[str, Any] | None = None,
+             device: torch.device | str | None = None, device_label: str | None = None,
+             info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One results row (schema in ``store.py``); status "failed" when ``error`` is given."""
+    d = spec.to_dict()
+    if device_label is None and isinstance(device, torch.device):
+        device_label = device_name(device)
+    return {
+        "run_id": spec.run_id,
+        "status": "ok" if error is None else "failed",
+        "error": None if error is None else (error if isinstance(error, str) else describe(error)),
+        "dataset": spec.dataset,
+        "model": spec.model,
+        "scenario": spec.scenario,
+        "forget": d["forget"],
+        "forget_id": spec.forget_id,
+        "seed": spec.seed,
+        "method": spec.method,
+        "hparams": d["hparams"],
+        "metrics": dict(metrics or {}),
+        "access": access,
+        "device": None if device is None else str(device),
+        "device_name": device_label,
+        "versions": versions(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "train": d["train"],
+        "surrogate": spec.surrogate,
+        "surrogate_n": spec.surrogate_n,
+        "info": dict(info or {}),
+    }
+
+
+def log_failure(spec: RunSpec, exc: BaseException) -> None:
+    log.error("run %s (%s, %s on %s, seed %s) failed: %s", spec.run_id, spec.method,
+              spec.forget_id, spec.dataset, spec.seed, describe(exc),
+              exc_info=not isinstance(exc, ScarError))
+
+
+# ---------------------------------------------------------------- checkpoints
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def checkpoint_path(run_dir: str | Path, spec: RunSpec, role: str) -> Path:
+    """Cache path of the original (``role="original"``) or oracle checkpoint of ``spec``."""
+    d = spec.to_dict()
+    key = {k: d[k] for k in ("dataset", "dataset_options", "model", "model_kwargs", "train")}
+    key.update(seed=TRAIN_SEED, forget=d["forget"] if role == "oracle" else None)
+    tag = "original" if role == "original" else f"oracle-{spec.forget_id}"
+    name = f"{_slug(spec.dataset)}_{_slug(spec.model or 'default')}_{tag}_{stable_hash(key, 10)}"
+    return Path(run_dir) / CHECKPOINT_DIR / f"{name}.safetensors"
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    return Path(path).exists() and sidecar_path(path).exists()
+
+
+def train_checkpoint(task: TrainTask) -> dict[str, Any]:
+    """Train and save one cached checkpoint unless it exists. Returns {"path", "error"}."""
+    from scar.training.workflow import TrainJob, run_train_job
+
+    if checkpoint_exists(task.path):
+        return {"path": task.path, "error": None}
+    spec, settings = task.spec, task.settings
+    job = TrainJob(dataset=spec.dataset, model=spec.model,
+                   forget=spec.forget if task.role == "oracle" else None,
+                   recipe_overrides=spec.train, seed=TRAIN_SEED, model_kwargs=spec.model_kwargs)
+    log.info("training the %s checkpoint %s", task.role, task.path)
+    try:
+        # run_train_job writes the class statistics before the checkpoint creates the folder.
+        Path(task.path).parent.mkdir(parents=True, exist_ok=True)
+        run_train_job(job, task.path, bundle=cached_dataset(spec, settings),
+                      device=settings.device, progress=settings.progress)
+    except Exception as exc:  # noqa: BLE001 - recorded as failed rows by the driver
+        log.error("training the %s checkpoint %s failed: %s", task.role, task.path,
+                  describe(exc), exc_info=not isinstance(exc, ScarError))
+        return {"path": task.path, "error": f"{task.role} checkpoint: {describe(exc)}"}
+    return {"path": task.path, "error": None}
+
+
+# ---------------------------------------------------------------- reference rows
+def oracle_access(oracle: Checkpoint, n_retain: int) -> dict[str, Any]:
+    """The oracle's data access: it trains on the whole retain set for every epoch."""
+    from scar.methods import access_profile, build_method
+
+    retrain = build_method("retrain")
+    loaded = {"retain": n_retain * int((oracle.meta.get("recipe") or {}).get("epochs", 1))}
+    return {"required": sorted(retrain.required_data()), "images_loaded": loaded,
+            "profile": access_profile(retrain, loaded)}
+
+
+def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
+    """Rows of the original and the oracle of one request, and A_or. Never raises."""
+    original_spec, retrain_spec = task.specs
+    device = None
+    try:
+        device = resolve_device(task.settings.device)
+        bundle = cached_dataset(original_spec, task.settings)
+        original, oracle = load_checkpoint(task.original), load_checkpoint(task.oracle)
+        splits = make_splits(bundle, original_spec.forget)
+        results, _ = audit_models(
+            {"original": original.model, "retrain": oracle.model}, splits, original.input_spec,
+            original_spec.scenario, device=device, mia=original_spec.mia,
+            mia_variant=original_spec.mia_variant, seed=original_spec.seed)
+    except Exception as exc:  # noqa: BLE001 - becomes failed rows
+        log_failure(original_spec, exc)
+        rows = [make_row(s, error=exc, device=device) for s in task.specs]
+        return {"key": task.key, "rows": rows, "a_or": None}
+    results["original"]["time/unlearn_s"] = 0.0
+    results["retrain"]["time/unlearn_s"] = float(oracle.meta.get("train_seconds", math.nan))
+    rows = [
+        make_row(original_spec, metrics=results["original"], device=device),
+        # The oracle's time is its training run: record the device that ran it.
+        make_row(retrain_spec, metrics=results["retrain"],
+                 access=oracle_access(oracle, len(splits.train_retain)),
+                 device=oracle.meta.get("device"), device_label=oracle.meta.get("device_name")),
+    ]
+    a_or = original_reference(results["original"], original_spec.scenario)
+    return {"key": task.key, "rows": rows, "a_or": a_or}
+
+
+# ---------------------------------------------------------------- method runs
+def run_method(task: MethodTask) -> dict[str, Any]:
+    """Unlearn with one method and evaluate the result; returns its row. Never raises."""
+    from scar.methods import build_method
+
+    spec, settings = task.spec, task.settings
+    device = None
+    try:
+        device = resolve_device(settings.device)
+        bundle = cached_dataset(spec, settings)
+        ck = load_checkpoint(task.original)
+        check_dataset_matches(ck, bundle)
+        splits = make_splits(bundle, spec.forget)
+        method = build_method(spec.method, **spec.hparams)
+        surrogate = (cached_surrogate(ck, spec, settings)
+                     if "surrogate" in method.uses() else None)
+        data = build_unlearn_data(ck, bundle, splits, surrogate=surrogate, device=device,
+                                  seed=spec.seed, progress=settings.progress)
+        seed_everything(spec.seed)
+        outcome = run_unlearning(ck, method, data)
+        loaders = split_loaders(splits, ck.input_spec, device)
+        metrics, _ = model_metrics(outcome.model.to(device), loaders, spec.scenario,
+                                   mia=spec.mia, mia_variant=spec.mia_variant, seed=spec.seed)
+        add_aus(metrics, task.a_or, spec.scenario)
+    except Exception as exc:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
+        log_failure(spec, exc)
+        return make_row(spec, error=exc, device=device)
+    metrics["time/unlearn_s"] = outcome.seconds
+    access = {"required": sorted(method.required_data()), "images_loaded": outcome.touched,
+              "profile": outcome.profile}
+    return make_row(spec, metrics=metrics, access=access, device=device, info=outcome.info)
+
+
+# ---------------------------------------------------------------- the driver
+def select(specs: list[RunSpec], only: Mapping[str, Any] | None) -> list[RunSpec]:
+    """Runs passing ``only``, plus the reference rows of their requests (needed for AUS)."""
+    chosen = [s for s in specs if matches(s, only)]
+    requests = {s.request() for s in chosen}
+    return [s for s in specs if matches(s, only) or (s.is_reference and s.request() in requests)]
+
+
+def reference_specs(specs: Iterable[RunSpec]) -> dict[tuple, dict[str, RunSpec]]:
+    out: dict[tuple, dict[str, RunSpec]] = {}
+    for s in specs:
+        if s.is_reference:
+            out.setdefault(s.request(), {})[s.method] = s
+    return out
+
+
+class _Sweep:
+    """Book-keeping of one :func:`run_grid` call: pending runs, the store, the counters."""
+
+    def __init__(self, store: ResultsStore, pending: list[RunSpec], progress: bool):
+        from tqdm.auto import tqdm
+
+        self.store = store
+        self.pending = {s.run_id for s in pending}
+        self.ok = self.failed = 0
+        self.bar = tqdm(total=len(pending), desc="runs", unit="run", disable=not progress)
+
+    def record(self, row: dict[str, Any]) -> None:
+        if row["run_id"] not in self.pending:
+            return  # e.g. the stored half of a re-evaluated reference pair
+        self.pending.discard(row["run_id"])
+        self.store.append(row)
+        if row["status"] == "ok":
+            self.ok += 1
+        else:
+            self.failed += 1
+        self.bar.update(1)
+
+    def fail_all(self, specs: Iterable[RunSpec], error: str) -> None:
+        for s in specs:
+            self.record(make_row(s, error=error))
+
+
+@dataclass
+class _Request:
+    """The pending runs of one forget request and what they need."""
+
+    specs: list[RunSpec]
+    reference: dict[str, RunSpec]
+    original: str
+    oracle: str | None = None  # None: both reference rows are stored, no oracle needed
+    a_or: float | None = None
+
+
+def plan(pending: list[RunSpec], refs: dict[tuple, dict[str, RunSpec]],
+         stored: dict[str, dict[str, Any]], finished: set[str], run_dir: str
+         ) -> dict[tuple, _Request]:
+    requests: dict[tuple, _Request] = {}
+    for s in pending:
+        if s.request() not in requests:
+            requests[s.request()] = _Request([], refs[s.request()],
+                                             str(checkpoint_path(run_dir, s, "original")))
+        requests[s.request()].specs.append(s)
+    for req in requests.values():
+        if all(spec.run_id in finished for spec in req.reference.values()):
+            row = stored[req.reference["original"].run_id]
+            req.a_or = original_reference(row["metrics"], row["scenario"])
+        else:
+            req.oracle = str(checkpoint_path(run_dir, req.specs[0], "oracle"))
+    return requests
+
+
+def _run(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
+         executor: Executor) -> None:
+    # 1. checkpoints (each cached path once, whatever the number of requests sharing it)
+    train: dict[str, TrainTask] = {}
+    for req in requests.values():
+        train.setdefault(req.original, TrainTask(req.specs[0], "original", req.original,
+                                                 settings))
+        if req.oracle is not None:
+            train.setdefault(req.oracle, TrainTask(req.specs[0], "oracle", req.oracle, settings))
+    todo = [t for t in train.values() if not checkpoint_exists(t.path)]
+    errors = {r["path"]: r["error"] for r in executor.map(train_checkpoint, todo) if r["error"]}
+    live: dict[str, _Request] = {}
+    for req in requests.values():
+        broken = [errors[p] for p in (req.original, req.oracle) if p in errors]
+        if broken:
+            sweep.fail_all(req.specs, broken[0])
+        else:
+            live[stable_hash(req.original + str(req.oracle) + req.specs[0].run_id)] = req
+
+    # 2. reference rows, and A_or for the AUS of every method run of the request
+    ref_tasks = [ReferenceTask(key, (req.reference["original"], req.reference["retrain"]),
+                               req.original, req.oracle, settings)
+                 for key, req in live.items() if req.oracle is not None]
+    for result in executor.map(evaluate_reference, ref_tasks):
+        req = live[result["key"]]
+        for row in result["rows"]:
+            sweep.record(row)
+        if result["a_or"] is None:
+            sweep.fail_all(req.specs, "reference evaluation: " + result["rows"][0]["error"])
+        else:
+            req.a_or = result["a_or"]
+
+    # 3. method runs
+    method_tasks = [MethodTask(s, req.original, req.a_or, settings)
+                    for req in live.values() if req.a_or is not None
+                    for s in req.specs if not s.is_reference and s.run_id in sweep.pending]
+    for row in executor.map(run_method, method_tasks):
+        sweep.record(row)
+
+
+def run_grid(grid: Grid, run_dir: str | Path, *, executor: Executor | None = None,
+             only: Mapping[str, Any] | None = None, progress: bool = True) -> RunSummary:
+    """Run every pending run of ``grid`` into ``run_dir`` (see the module docstring)."""
+    check_only(only)
+    executor = executor or LocalExecutor()
+    if isinstance(executor, LocalExecutor):
+        resolve_device(grid.device)  # e.g. cuda on a machine without: fail before anything runs
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "grid.json", asdict(grid))
+    store = ResultsStore(run_dir)
+    every = expand(grid)
+    specs = select(every, only)
+    stored = {r["run_id"]: r for r in store.rows() if r.get("status") == "ok"}
+    finished = set(stored)
+    pending = [s for s in specs if s.run_id not in finished]
+    log.info("%d runs selected, %d already finished, %d to run", len(specs),
+             len(specs) - len(pending), len(pending))
+    settings = Settings(run_dir=str(run_dir), data_dir=grid.data_dir, download=grid.download,
+                        device=grid.device, progress=progress)
+    requests = plan(pending, reference_specs(every), stored, finished, str(run_dir))
+    sweep = _Sweep(store, pending, progress)
+    try:
+        _run(sweep, requests, settings, executor)
+    finally:
+        sweep.bar.close()
+        clear_caches()
+    summary = RunSummary(total=len(specs), skipped=len(specs) - len(pending), ok=sweep.ok,
+                         failed=sweep.failed)
+    log.info("sweep done: %s", summary)
+    return summary

@@ -1,0 +1,150 @@
+"""The append-only results file of a run folder: ``results.jsonl``, one JSON object per line.
+
+Each finished run (ok or failed) appends one row; reports are built from the rows only. A run can
+appear more than once (a failed run retried later); :meth:`ResultsStore.latest` keeps the last row
+of each id.
+
+Row schema (reports rely on these keys)::
+
+    run_id, status ("ok" | "failed"), error (str | None), dataset, model, scenario,
+    forget (ForgetSpec.to_dict()), forget_id ("class3", "seed0"), seed,
+    method (a method name, or "original" / "retrain"), hparams {...},
+    metrics {"acc/...", "mia/...", "aus", "time/unlearn_s"},
+    access {"required": [...], "images_loaded": {...}, "profile": str} | None,
+    device, device_name, versions {...}, finished_at (ISO 8601, UTC)
+
+Appending is atomic: the existing bytes plus the new line are written to a temporary file in the
+same folder, fsynced and renamed over the file, so a crash (or Ctrl-C) leaves either the old or
+the new file, never half a row. That costs O(size of the file) per append; a results file holds
+one short line per run (a few hundred bytes), so even 10,000 runs rewrite a few MB per append,
+negligible next to a run that trains or unlearns a model. Only one process (the sweep's driver)
+writes a store. A truncated last line (a file written by other means, or a copy cut short) is
+skipped with a warning when reading and dropped by the next append.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scar.errors import ScarError
+from scar.utils import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.jsonl"
+STATUSES = ("ok", "failed")
+ROW_KEYS = (
+    "run_id", "status", "error", "dataset", "model", "scenario", "forget", "forget_id", "seed",
+    "method", "hparams", "metrics", "access", "device", "device_name", "versions", "finished_at",
+)  # fmt: skip
+
+
+class ResultsStore:
+    """Rows of ``path``: a ``.jsonl`` file, or a run folder holding ``results.jsonl`` (created
+    on the first append)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        self.path = path if path.suffix == ".jsonl" else path / RESULTS_FILE
+
+    def rows(self) -> list[dict[str, Any]]:
+        """All complete rows, in file order."""
+        if not self.path.exists():
+            return []
+        return parse_rows(self.path.read_bytes(), str(self.path))
+
+    def latest(self) -> dict[str, dict[str, Any]]:
+        """The last row of each run id."""
+        return {row["run_id"]: row for row in self.rows()}
+
+    def finished_ids(self) -> set[str]:
+        """Ids with a row of status "ok" (failed runs are retried by a rerun)."""
+        return {row["run_id"] for row in self.rows() if row.get("status") == "ok"}
+
+    def append(self, row: dict[str, Any]) -> None:
+        check_row(row)
+        line = json.dumps(row, sort_keys=True, default=_json_default).encode("utf-8") + b"\n"
+        existing = self.path.read_bytes() if self.path.exists() else b""
+        if existing and not existing.endswith(b"\n"):
+            cut = existing.rfind(b"\n") + 1
+            if _is_row(existing[cut:]):  # a whole row that only lacks its newline
+                existing += b"\n"
+            else:
+                log.warning("%s: dropping a truncated last line (%d bytes)", self.path,
+                            len(existing) - cut)
+                existing = existing[:cut]
+        atomic_write_bytes(self.path, existing + line)
+
+    def extend(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            self.append(row)
+
+
+def parse_rows(data: bytes, source: str = "<results>") -> list[dict[str, Any]]:
+    """Rows of a results file; a truncated or unreadable *last* line is skipped with a warning,
+    an unreadable line elsewhere is an error (the file was edited by hand)."""
+    lines = data.split(b"\n")
+    complete = data.endswith(b"\n")
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        last = number == len(lines) or (number == len(lines) - 1 and complete)
+        try:
+            row = _load_row(raw)
+        except ValueError as exc:
+            if last:
+                log.warning("%s: skipping a truncated or unreadable last line %d (%s)", source,
+                            number, exc)
+                continue
+            raise ScarError(
+                f"{source}, line {number} is not a results row ({exc}); the file was changed by "
+                "something other than `scar run`: fix or delete that line."
+            ) from exc
+        if not complete and number == len(lines):
+            log.warning("%s: last line %d has no newline (a cut-short write?)", source, number)
+        rows.append(row)
+    return rows
+
+
+def _load_row(raw: bytes) -> dict[str, Any]:
+    row = json.loads(raw)
+    if not isinstance(row, dict) or "run_id" not in row:
+        raise ValueError("not a row object with a run_id")
+    return row
+
+
+def _is_row(raw: bytes) -> bool:
+    try:
+        _load_row(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def check_row(row: dict[str, Any]) -> None:
+    """Internal invariant: the runner writes complete rows only."""
+    missing = [k for k in ROW_KEYS if k not in row]
+    assert not missing, f"results row lacks {missing}"
+    assert row["status"] in STATUSES, row["status"]
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.floating):
+        return float(obj)
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,234 @@
+"""The runner end to end on tiny synthetic data: cached checkpoints, rows, reruns, failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+
+from scar.errors import OptionalDependencyError, ScarError
+from scar.experiments.executors import LocalExecutor, RayExecutor
+from scar.experiments.grid import load_grid
+from scar.experiments.runner import CHECKPOINT_DIR, run_grid
+from scar.experiments.store import ROW_KEYS, ResultsStore
+from scar.methods.base import METHODS, Method
+
+TINY = {
+    "name": "tiny",
+    "dataset": "synthetic",
+    "dataset_options": {"num_classes": 4, "n_train": 256},
+    "train": {"epochs": 1},
+    "scenario": "CR",
+    "classes": [0, 1],
+    "surrogate": "gaussian-noise",
+    "surrogate_n": 128,
+    "mia": False,
+    "device": "cpu",
+    "methods": {
+        "scar": {"epochs": 1, "batch_size": 64, "surrogate_steps": 1},
+        "negative_gradient": {"lr": 1e-4, "epochs": 1, "batch_size": 64},
+    },
+}
+
+
+class CountingExecutor(LocalExecutor):
+    """Runs tasks in turn, counts them per task function, and can simulate a Ctrl-C."""
+
+    def __init__(self, interrupt_after: int | None = None):
+        self.calls: Counter[str] = Counter()
+        self.interrupt_after = interrupt_after
+
+    def map(self, fn, tasks):
+        for task in tasks:
+            if fn.__name__ == "run_method" and self.calls["run_method"] == self.interrupt_after:
+                raise KeyboardInterrupt
+            self.calls[fn.__name__] += 1
+            yield fn(task)
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """The 2 methods x 2 classes grid, run once (trains 1 original + 2 oracles)."""
+    run_dir = tmp_path_factory.mktemp("run") / "tiny"
+    executor = CountingExecutor()
+    summary = run_grid(load_grid(TINY), run_dir, executor=executor, progress=False)
+    return run_dir, summary, executor.calls
+
+
+def with_checkpoints(base_dir, tmp_path):
+    """A fresh run folder that reuses the base run's cached checkpoints (no training)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(base_dir / CHECKPOINT_DIR, run_dir / CHECKPOINT_DIR)
+    return run_dir
+
+
+def test_grid_runs_end_to_end(base_run):
+    run_dir, summary, calls = base_run
+    assert (summary.total, summary.skipped, summary.ok, summary.failed) == (8, 0, 8, 0)
+    assert calls == {"train_checkpoint": 3, "evaluate_reference": 2, "run_method": 4}
+    rows = ResultsStore(run_dir).rows()
+    assert len(rows) == 8 and len({r["run_id"] for r in rows}) == 8
+    assert all(set(ROW_KEYS) <= set(r) and r["status"] == "ok" for r in rows)
+    by = {(r["method"], r["forget_id"]): r for r in rows}
+    assert set(by) == {(m, f) for m in ("original", "retrain", "scar", "negative_gradient")
+                       for f in ("class0", "class1")}
+    original, oracle, scar = by["original", "class1"], by["retrain", "class1"], by["scar", "class1"]
+    assert original["metrics"]["time/unlearn_s"] == 0 and original["access"] is None
+    assert oracle["metrics"]["time/unlearn_s"] > 0 and oracle["metrics"]["acc/test_forget"] == 0
+    assert "retain-free: no" in oracle["access"]["profile"]
+    assert "retain-free: yes" in scar["access"]["profile"]
+    assert scar["access"]["images_loaded"].get("retain", 0) == 0
+    assert scar["hparams"]["epochs"] == 1 and scar["forget"]["classes"] == [1]
+    for row in (original, oracle, scar):
+        assert {"acc/test_forget", "acc/test_retain", "aus"} <= set(row["metrics"])
+        assert row["device_name"] and row["versions"]["torch"] and row["finished_at"]
+    # one original shared by every request, one oracle per request
+    names = sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.safetensors")
+                   if not p.name.endswith(".stats.safetensors"))
+    assert len(names) == 3 and sum("original" in n for n in names) == 1
+
+
+def test_rerun_does_nothing_twice(base_run, tmp_path):
+    base_dir, _, _ = base_run
+    run_dir = tmp_path / "copy"
+    shutil.copytree(base_dir, run_dir)
+    before = (run_dir / "results.jsonl").read_bytes()
+    executor = CountingExecutor()
+    summary = run_grid(load_grid(TINY), run_dir, executor=executor, progress=False)
+    assert (summary.total, summary.skipped, summary.ok, summary.failed) == (8, 8, 0, 0)
+    assert sum(executor.calls.values()) == 0
+    assert (run_dir / "results.jsonl").read_bytes() == before
+
+
+def test_interrupted_sweep_resumes_without_losing_or_redoing_runs(base_run, tmp_path):
+    run_dir = with_checkpoints(base_run[0], tmp_path)
+    grid = load_grid(TINY)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, run_dir, executor=CountingExecutor(interrupt_after=1), progress=False)
+    first = ResultsStore(run_dir).rows()
+    assert len(first) == 4 + 1  # the 4 reference rows, then one method run before the Ctrl-C
+    executor = CountingExecutor()
+    summary = run_grid(grid, run_dir, executor=executor, progress=False)
+    assert (summary.skipped, summary.ok, summary.failed) == (5, 3, 0)
+    assert executor.calls == {"run_method": 3}  # no training, no reference re-evaluation
+    rows = ResultsStore(run_dir).rows()
+    assert rows[:5] == first and len(rows) == 8 and len({r["run_id"] for r in rows}) == 8
+
+
+def test_only_selects_runs_and_brings_their_reference_rows(base_run, tmp_path):
+    run_dir = with_checkpoints(base_run[0], tmp_path)
+    executor = CountingExecutor()
+    summary = run_grid(load_grid(TINY), run_dir, executor=executor, progress=False,
+                       only={"method": "negative_gradient", "class": "1"})
+    assert (summary.total, summary.ok) == (3, 3)
+    rows = ResultsStore(run_dir).rows()
+    assert sorted(r["method"] for r in rows) == ["negative_gradient", "original", "retrain"]
+    assert {r["forget_id"] for r in rows} == {"class1"}
+
+
+def test_hr_grid_with_mia_reuses_the_original(base_run, tmp_path):
+    run_dir = with_checkpoints(base_run[0], tmp_path)
+    raw = {**TINY, "scenario": "HR", "classes": None, "forget_fraction": 0.1, "seeds": [1],
+           "mia": True, "methods": {"finetune": {"epochs": 1, "batch_size": 64}}}
+    executor = CountingExecutor()
+    summary = run_grid(load_grid(raw), run_dir, executor=executor, progress=False)
+    assert (summary.total, summary.ok) == (3, 3)
+    assert executor.calls["train_checkpoint"] == 1  # the oracle; the original is cached
+    rows = {r["method"]: r for r in ResultsStore(run_dir).rows()}
+    assert rows["finetune"]["forget_id"] == "seed1" and rows["finetune"]["seed"] == 1
+    for row in rows.values():
+        assert {"acc/test", "acc/train_forget", "mia/auc", "aus"} <= set(row["metrics"])
+    assert "retain-free: no" in rows["finetune"]["access"]["profile"]
+
+
+@dataclass(kw_only=True)
+class AlwaysFails(Method):
+    """Test-only method whose unlearning raises."""
+
+    name: ClassVar[str] = "test_always_fails"
+    requires: ClassVar[frozenset[str]] = frozenset({"forget"})
+
+    def _unlearn(self, model, original, data):
+        raise RuntimeError("boom")
+
+
+@pytest.fixture
+def failing_method():
+    METHODS.register(AlwaysFails.name)(AlwaysFails)
+    yield AlwaysFails.name
+    METHODS._items.pop(AlwaysFails.name, None)
+    METHODS._help.pop(AlwaysFails.name, None)
+
+
+def test_failing_method_is_recorded_and_the_sweep_goes_on(base_run, tmp_path, failing_method,
+                                                          caplog):
+    run_dir = with_checkpoints(base_run[0], tmp_path)
+    raw = {**TINY, "methods": {failing_method: {}, "negative_gradient": {"epochs": 1}}}
+    summary = run_grid(load_grid(raw), run_dir, executor=CountingExecutor(), progress=False)
+    assert (summary.total, summary.ok, summary.failed) == (8, 6, 2)
+    rows = ResultsStore(run_dir).rows()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert {r["method"] for r in failed} == {failing_method}
+    assert all(r["error"] == "RuntimeError: boom" and r["metrics"] == {} for r in failed)
+    assert "boom" in caplog.text
+    # a rerun retries the failed runs only
+    executor = CountingExecutor()
+    again = run_grid(load_grid(raw), run_dir, executor=executor, progress=False)
+    assert (again.skipped, again.failed) == (6, 2) and executor.calls == {"run_method": 2}
+
+
+def test_truncated_last_line_is_tolerated(tmp_path, caplog):
+    store = ResultsStore(tmp_path)
+    row = {k: None for k in ROW_KEYS} | {"run_id": "a" * 12, "status": "ok"}
+    store.append(row)
+    with store.path.open("ab") as fh:  # a write cut short
+        fh.write(json.dumps(row | {"run_id": "b" * 12})[:40].encode())
+    with caplog.at_level(logging.WARNING):
+        assert [r["run_id"] for r in store.rows()] == ["a" * 12]
+    assert "truncated" in caplog.text
+    assert store.finished_ids() == {"a" * 12}
+    store.append(row | {"run_id": "c" * 12, "status": "failed"})
+    assert [r["run_id"] for r in store.rows()] == ["a" * 12, "c" * 12]
+    assert store.path.read_bytes().endswith(b"\n") and store.finished_ids() == {"a" * 12}
+    # garbage before the last line is not a crash artefact: refuse to guess
+    store.path.write_bytes(b"not json\n" + store.path.read_bytes())
+    with pytest.raises(ScarError, match="line 1"):
+        store.rows()
+
+
+def test_cli_dry_run_and_exit_codes(base_run, tmp_path, capsys):
+    import yaml
+
+    import scar.cli_run  # noqa: F401  (registers `scar run`)
+    from scar.cli import main
+
+    grid_file = tmp_path / "tiny.yaml"
+    grid_file.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    assert main(["-q", "run", str(grid_file), "--dry-run", "--only", "method=scar",
+                 "--out", str(base_run[0])]) == 0
+    out = capsys.readouterr().out
+    assert "scar" in out and "surrogate_steps=1" in out and "negative_gradient" not in out
+    assert "6 runs (6 already finished" in out
+    copy = tmp_path / "copy"
+    shutil.copytree(base_run[0], copy)
+    assert main(["-q", "run", str(grid_file), "--out", str(copy)]) == 0
+    assert "8 already finished, 0 ok, 0 failed" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**TINY, "clases": [1]}))
+    assert main(["-q", "run", str(bad), "--out", str(tmp_path / "never")]) == 2
+    assert "Did you mean 'classes'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_ray_executor_without_ray_names_the_extra():
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is not None:  # pragma: no cover
+        pytest.skip("ray is installed; only the missing-package message is tested")
+    with pytest.raises(OptionalDependencyError, match=r"scar-unlearn\[ray\]"):
+        RayExecutor()
