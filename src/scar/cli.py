@@ -285,6 +285,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    import time
+
+    from scar.experiments.demo import run_demo
+    from scar.experiments.report import format_markdown_table
+
+    start = time.perf_counter()
+    summary, groups, written = run_demo(args.out, forget_class=args.forget_class,
+                                        device=args.device, data_dir=args.data_dir,
+                                        progress=not args.quiet)
+    print(format_markdown_table(groups))
+    print(f"\n{summary.ok} runs done, {summary.skipped} reused, {summary.failed} failed "
+          f"in {time.perf_counter() - start:.0f}s; report: {written.get('markdown', args.out)}")
+    return 0 if summary.failed == 0 else 1
+
+
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -346,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p, dataset_default=None)
     add_device_args(p)
 
+    p = sub.add_parser("demo", help="the whole workflow on Fashion-MNIST (train, unlearn, report)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--forget-class", type=int, default=0, help="class to remove (default 0)")
+    p.add_argument("--data-dir", default=None)
+    add_device_args(p)
+
     p = sub.add_parser("evaluate", help="audit a checkpoint on a forget request (JSON + table)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--original", default=None,
@@ -366,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
 #: Functions adding further sub-commands (kept in their own modules to keep this file short).
 EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
 
-from scar import cli_report  # noqa: E402,F401  (registers `scar report`)
-from scar import cli_run  # noqa: E402,F401  (registers `scar run`)
+# Sub-commands kept in their own modules register themselves on import.
+from scar import cli_report, cli_run  # noqa: E402,F401,I001
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:

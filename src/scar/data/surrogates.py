@@ -227,6 +227,39 @@ def natural_patches_source(
     return unlabelled(out.contiguous())
 
 
+def ellipse_masks(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """[n, 1, size, size] random axis-aligned ellipses (semi-axes 40–100% of the half-size,
+    centre jittered by up to 15%)."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size),
+                            indexing="ij")
+    a = 0.4 + 0.6 * torch.rand(n, 1, 1, generator=g)
+    b = 0.4 + 0.6 * torch.rand(n, 1, 1, generator=g)
+    cx = 0.3 * (torch.rand(n, 1, 1, generator=g) - 0.5)
+    cy = 0.3 * (torch.rand(n, 1, 1, generator=g) - 0.5)
+    return ((((xx - cx) / a) ** 2 + ((yy - cy) / b) ** 2) <= 1)[:, None]
+
+
+@SURROGATES.register(
+    "natural-objects",
+    help="natural-patches cut out by a random ellipse on black (object-on-dark look, FMNIST/MNIST)",
+)
+def natural_objects_source(
+    *, channels: int, size: int, n: int | None, seed: int, data_dir: Path | None
+) -> TensorImages:
+    """Natural-photo patches inside a random ellipse on a black background.
+
+    Why: datasets of centred objects on a dark background (Fashion-MNIST, MNIST) see plain photo
+    crops as one class — measured with the default Fashion-MNIST model, 96% of 5000 plain patches
+    were predicted "bag" — so distilling on them protects almost no decision boundary. The same
+    patches cut out on black were spread over 8 of the 10 classes.
+    """
+    patches = natural_patches_source(channels=channels, size=size, n=n, seed=seed,
+                                     data_dir=data_dir).images
+    g = torch.Generator().manual_seed(seed + 7919)
+    mask = ellipse_masks(len(patches), size, g)
+    return unlabelled(torch.where(mask, patches, torch.zeros_like(patches)).contiguous())
+
+
 @SURROGATES.register("digits", help="scikit-learn's 1797 8x8 handwritten digits, upscaled")
 def digits_source(
     *, channels: int, size: int, n: int | None, seed: int, data_dir: Path | None

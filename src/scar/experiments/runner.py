@@ -299,9 +299,44 @@ def run_method(task: MethodTask) -> dict[str, Any]:
         log_failure(spec, exc)
         return make_row(spec, error=exc, device=device)
     metrics["time/unlearn_s"] = outcome.seconds
+    if spec.method in SNAPSHOT_METHODS:
+        try:
+            snapshot_features(ck, outcome.model, splits, spec, settings.run_dir, device)
+        except Exception as exc:  # noqa: BLE001 - a missing plot must not lose the row
+            log.warning("feature snapshot of %s failed: %s", spec.run_id, describe(exc))
     access = {"required": sorted(method.required_data()), "images_loaded": outcome.touched,
               "profile": outcome.profile}
     return make_row(spec, metrics=metrics, access=access, device=device, info=outcome.info)
+
+
+#: Methods whose runs also store a feature snapshot (before/after features of test images) for
+#: the report's 2-D projection plot; kept to SCAR to keep run folders small.
+SNAPSHOT_METHODS = ("scar", "scar_self_forget")
+SNAPSHOT_IMAGES = 600
+
+
+@torch.no_grad()
+def snapshot_features(ck: Checkpoint, unlearned: torch.nn.Module, splits, spec: RunSpec,
+                      run_dir: str, device) -> None:
+    """Features of the same test images under the original and the unlearned model."""
+    from scar.data.base import BatchLoader
+    from scar.experiments.plots import feature_snapshot_path, save_feature_snapshot
+    from scar.models.adapter import FeatureModel
+
+    test = splits.test
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(test), generator=g)[:SNAPSHOT_IMAGES].sort().values
+    subset = test.subset(idx)
+    feats = {}
+    for name, model in (("before", ck.model), ("after", unlearned)):
+        fm = FeatureModel(model.to(device).eval(), head=ck.model_spec.head)
+        feats[name] = torch.cat([fm(b.x)[0].cpu() for b in
+                                 BatchLoader(subset, ck.input_spec, batch_size=600,
+                                             device=device)])
+    save_feature_snapshot(feature_snapshot_path(run_dir, spec.method, spec.forget_id),
+                          feats["before"], feats["after"], subset.labels,
+                          list(splits.removed_classes),
+                          title=f"{spec.method}, {spec.forget.describe()}")
 
 
 # ---------------------------------------------------------------- the driver

@@ -126,6 +126,7 @@ class SCAR(Method):
     stop_check: str = "auto"
     stop_from_epoch: int = 0  # the reference only stops from epoch 2 on (0-based)
     hr_margin: float = 0.015
+    balance_surrogate: bool = False  # CR: also sample surrogates balanced on teacher predictions
 
     def validate(self) -> None:
         check_range("lr", self.lr, 0, low_inclusive=False)
@@ -220,7 +221,17 @@ class SCAR(Method):
                     t = original(batch.x)
                 return mask_teacher_cr(t, removed)
 
-            return cycle(data.loader(surrogate, sbs, shuffle=True, seed_offset=1)), target
+            kw = {}
+            if self.balance_surrogate:
+                with torch.no_grad():
+                    pred = torch.cat([original(b.x).argmax(1).cpu() for b in
+                                      data.loader(surrogate, sbs, shuffle=False)])
+                weights = balanced_weights(pred, data.num_classes)
+                # Images the teacher gives to a removed class are dropped by the mask anyway.
+                weights[torch.isin(pred, removed.cpu())] = 0.0
+                kw = {"weights": weights, "shuffle": False}
+            loader = data.loader(surrogate, sbs, seed_offset=1, **{"shuffle": True, **kw})
+            return cycle(loader), target
         with torch.no_grad():
             t_all = torch.cat([original(b.x) for b in
                                data.loader(surrogate, sbs, shuffle=False)])
