@@ -356,3 +356,18 @@ def test_head_rejects_mismatched_delta_and_empty_stats():
     )
     with pytest.raises(ConfigError, match="No class"):
         MahalanobisHead(empty)
+
+
+def test_grouped_distance_to_matches_full_matrix_values_and_gradients():
+    acc = StatsAccumulator(6, 12, 0.5)
+    g = torch.Generator().manual_seed(0)
+    acc.update(torch.rand(600, 12, generator=g), torch.randint(0, 6, (600,), generator=g))
+    head = MahalanobisHead(acc.finalize().subset([0, 2, 3, 5])).to(dtype=torch.float64)
+    f = torch.rand(40, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 2, 3, 5])[torch.randint(0, 4, (40,), generator=g)]
+    grouped = head.distance_to(f, target)
+    full = head.distances(f).gather(1, head.positions(target)[:, None]).squeeze(1)
+    torch.testing.assert_close(grouped, full)
+    (g1,) = torch.autograd.grad(grouped.sum(), f)
+    (g2,) = torch.autograd.grad(full.sum(), f)
+    torch.testing.assert_close(g1, g2)

@@ -34,6 +34,32 @@ LR_DECAY = 0.5
 EVAL_BATCH = 1024
 
 
+# ----------------------------------------------------------------------------- shared params
+@dataclass(kw_only=True)
+class SGDForgetMethod(Method):
+    """Hyperparameters shared by the forget-set baselines (negative gradient, random labels):
+    SGD with momentum (reference) or Adam, a per-epoch MultiStepLR, the stopping rule."""
+
+    lr: float = 0.01
+    optimizer: str = "sgd"  # reference: SGD with momentum
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 0.0
+    epochs: int = 30  # an upper bound: the stopping rule usually ends the run much earlier
+    batch_size: int = 256
+    milestones: tuple[int, ...] = (25, 40)
+
+    def validate(self) -> None:
+        from scar.errors import check_choice, check_range
+
+        check_range("lr", self.lr, 0, low_inclusive=False)
+        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
+        check_range("momentum", self.momentum, 0, 1, high_inclusive=False)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_count("epochs", self.epochs)
+        check_count("batch_size", self.batch_size)
+        check_milestones(self.milestones)
+
+
 # ----------------------------------------------------------------------------- validation
 def check_count(name: str, value: object, low: int = 1) -> None:
     """Raise ConfigError unless ``value`` is an integer >= ``low`` (epochs, batch sizes, ...)."""

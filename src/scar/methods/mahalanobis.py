@@ -513,7 +513,19 @@ class MahalanobisHead(nn.Module):
                 f"got {target.numel()}."
             )
         pos = self.positions(target).to(features.device)
-        return self.distances(features).gather(1, pos[:, None]).squeeze(1)
+        u = self.embed(features)
+        w = self.factors.to(device=u.device, dtype=u.dtype)  # [K, d, r]
+        pm = self.proj_means.to(device=u.device, dtype=u.dtype)  # [K, r]
+        # Only each sample's own target: group the batch by target class, so the cost is
+        # B·d·r (not B·K·d·r as with the full distance matrix) and memory stays O(B·r).
+        order = torch.argsort(pos)
+        sorted_pos = pos[order]
+        classes, counts = torch.unique_consecutive(sorted_pos, return_counts=True)
+        pieces = []
+        for c, rows in zip(classes.tolist(), order.split(counts.tolist())):
+            pieces.append((u[rows] @ w[c] - pm[c]).square().sum(-1))
+        out = torch.cat(pieces)
+        return out[torch.argsort(order)]
 
     @torch.no_grad()
     def nearest_wrong_class(self, features: Tensor, labels: Tensor) -> Tensor:

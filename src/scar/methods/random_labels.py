@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from scar.data.base import Batch
-from scar.errors import ConfigError, check_choice, check_range
+from scar.errors import ConfigError
 from scar.methods import _loops
-from scar.methods.base import Method, UnlearnData, register
+from scar.methods.base import UnlearnData, register
 
 
 def random_targets(labels: Tensor, data: UnlearnData, generator: torch.Generator) -> Tensor:
@@ -41,28 +41,11 @@ def random_targets(labels: Tensor, data: UnlearnData, generator: torch.Generator
 
 @register
 @dataclass(kw_only=True)
-class RandomLabels(Method):
+class RandomLabels(_loops.SGDForgetMethod):
     """Cross-entropy on the forget set with random labels (kept classes in CR); stops at target."""
 
     name = "random_labels"
     requires = frozenset({"forget"})
-
-    lr: float = 0.01
-    optimizer: str = "sgd"  # reference: SGD with momentum
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0
-    epochs: int = 30  # an upper bound: the stopping rule usually ends the run much earlier
-    batch_size: int = 256
-    milestones: tuple[int, ...] = (25, 40)
-
-    def validate(self) -> None:
-        check_range("lr", self.lr, 0, low_inclusive=False)
-        check_choice("optimizer", self.optimizer, ("sgd", "adam"))
-        check_range("momentum", self.momentum, 0, 1, high_inclusive=False)
-        check_range("weight_decay", self.weight_decay, 0)
-        _loops.check_count("epochs", self.epochs)
-        _loops.check_count("batch_size", self.batch_size)
-        _loops.check_milestones(self.milestones)
 
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
         if data.num_classes < 2 or not data.kept_classes():
