@@ -143,3 +143,17 @@ def test_surrogate_statistics_group_by_prediction(tiny_model, synth, cr_splits, 
     assert stats.classes.numel() >= 1
     method.unlearn(tiny_model, data)
     assert method.access_.get("retain", 0) == 0
+
+
+def test_self_forget_reads_no_forget_and_no_retain_image(tiny_model, synth, cr_splits, surrogate,
+                                                         stats):
+    class Exploding(TensorImages):
+        def load(self, idx):
+            raise AssertionError("a forget or retain image was read")
+
+    forget = Exploding(cr_splits.train_forget.images, cr_splits.train_forget.labels)
+    retain = Exploding(cr_splits.train_retain.images, cr_splits.train_retain.labels)
+    data = make_data(synth, cr_splits, surrogate, stats, forget=forget, retain=retain)
+    method = build_method("scar_self_forget", **fast("scar_self_forget"))
+    method.unlearn(tiny_model, data)
+    assert method.access_["forget"] == 0 and method.access_["retain"] == 0

@@ -199,13 +199,27 @@ def build_method(name: str, **hparams: Any) -> Method:
             f"method {name!r} has no hyperparameter {', '.join(map(repr, unknown))}. "
             f"Allowed: {', '.join(sorted(allowed)) or '(none)'}."
         )
+    clean = {k: coerce_hparam(k, v, allowed[k].type, allowed[k].default)
+             for k, v in hparams.items()}
+    return cls(**clean)
+
+
+def coerce_hparam(key: str, value: Any, ftype: Any, default: Any) -> Any:
+    """Coerce a CLI/YAML string to the hyperparameter's type (from its default, else from its
+    annotation, e.g. ``float | None``); "none"/"null" gives None where None is allowed."""
     from scar.training.recipes import coerce
 
-    clean = {}
-    for k, v in hparams.items():
-        default = getattr(cls, k, None) if not callable(getattr(cls, k, None)) else None
-        clean[k] = coerce(k, v, default) if default is not None else v
-    return cls(**clean)
+    if not isinstance(value, str):
+        return value
+    text = str(ftype)
+    if value.strip().lower() in ("none", "null") and "None" in text:
+        return None
+    if default is not None and not callable(default):
+        return coerce(key, value, default)
+    for name, like in (("bool", False), ("int", 0), ("float", 0.0)):
+        if name in text:
+            return coerce(key, value, like)
+    return value
 
 
 def access_profile(method: Method, touched: dict[str, int] | None = None) -> str:
