@@ -22,10 +22,6 @@ METHOD_MODULES = (
     "retrain",
 )
 for _name in METHOD_MODULES:
-    try:
-        importlib.import_module(f"scar.methods.{_name}")
-    except ModuleNotFoundError as _exc:  # a method file still being written
-        if _exc.name != f"scar.methods.{_name}":
-            raise
+    importlib.import_module(f"scar.methods.{_name}")
 
 __all__ = ["METHODS", "Method", "UnlearnData", "access_profile", "build_method", "register"]

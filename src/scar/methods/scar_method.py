@@ -219,32 +219,33 @@ class SCAR(Method):
         return targets, correct
 
     def surrogate_source(self, original: nn.Module, data: UnlearnData, surrogate: ImageSet):
-        """(batches, teacher-target fn): CR masks the teacher per batch; HR precomputes teacher
-        logits once and samples surrogate images balanced on the teacher's predicted class."""
+        """(batches, teacher-target fn) for the distillation term.
+
+        The teacher is frozen, in eval mode, and surrogate images are not augmented, so its
+        logits are computed ONCE for the whole surrogate set (the reference recomputes them per
+        batch in CR: same values, one forward pass more per step). CR masks them per batch
+        (spec §4); HR, or ``balance_surrogate``, samples surrogate images balanced on the
+        teacher's predicted class.
+        """
         sbs = self.surrogate_batch_size or self.batch_size
+        with torch.no_grad():
+            t_all = torch.cat([original(b.x) for b in
+                               data.loader(surrogate, sbs, shuffle=False)])
+        pred = t_all.argmax(1).cpu()
         if data.scenario == "CR":
             removed = torch.tensor(data.removed_classes, device=data.device)
 
             def target(batch):
-                with torch.no_grad():
-                    t = original(batch.x)
-                return mask_teacher_cr(t, removed)
+                return mask_teacher_cr(t_all[batch.idx], removed)
 
-            kw = {}
+            kw: dict = {"shuffle": True}
             if self.balance_surrogate:
-                with torch.no_grad():
-                    pred = torch.cat([original(b.x).argmax(1).cpu() for b in
-                                      data.loader(surrogate, sbs, shuffle=False)])
                 weights = balanced_weights(pred, data.num_classes)
                 # Images the teacher gives to a removed class are dropped by the mask anyway.
                 weights[torch.isin(pred, removed.cpu())] = 0.0
                 kw = {"weights": weights, "shuffle": False}
-            loader = data.loader(surrogate, sbs, seed_offset=1, **{"shuffle": True, **kw})
-            return cycle(loader), target
-        with torch.no_grad():
-            t_all = torch.cat([original(b.x) for b in
-                               data.loader(surrogate, sbs, shuffle=False)])
-        weights = balanced_weights(t_all.argmax(1).cpu(), data.num_classes)
+            return cycle(data.loader(surrogate, sbs, seed_offset=1, **kw)), target
+        weights = balanced_weights(pred, data.num_classes)
         loader = data.loader(surrogate, sbs, shuffle=False, seed_offset=1, weights=weights)
 
         def target_hr(batch):
