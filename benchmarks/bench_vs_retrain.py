@@ -139,13 +139,7 @@ def run_scenario(scenario: str, ck, bundle, recipe, surrogate, methods: list[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
-    parser.add_argument("--dataset", default=None,
-                        help="dataset (default fashion-mnist; synthetic with --small)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--original", type=Path, default=None,
-                        help="original checkpoint to reuse (default: train one here)")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="where a freshly trained original is saved (default: a temp dir)")
+    common.add_original_args(parser)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
     parser.add_argument("--scenarios", default="CR,HR")
     parser.add_argument("--forget-class", type=int, default=None,

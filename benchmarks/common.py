@@ -49,6 +49,17 @@ log = logging.getLogger("benchmarks")
 
 
 # ---------------------------------------------------------------- flags
+def add_original_args(parser: argparse.ArgumentParser) -> None:
+    """--dataset / --data-dir / --original / --work-dir, shared by the whole-run benchmarks."""
+    parser.add_argument("--dataset", default=None,
+                        help="dataset (default fashion-mnist; synthetic with --small)")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--original", type=Path, default=None,
+                        help="original checkpoint to reuse (default: train one here)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="where a freshly trained original is saved (default: a temp dir)")
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
     """``--small``, ``--record`` / ``--no-record``, ``--results`` and (optionally) ``--device``."""
     parser.add_argument("--small", action="store_true",

@@ -111,12 +111,7 @@ def instrument(method, timer: PhaseTimer) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser)
-    parser.add_argument("--dataset", default=None,
-                        help="dataset (default fashion-mnist; synthetic with --small)")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--original", type=Path, default=None,
-                        help="original checkpoint to reuse (default: train one here)")
-    parser.add_argument("--work-dir", type=Path, default=None)
+    common.add_original_args(parser)
     parser.add_argument("--method", choices=("scar", "scar_self_forget"), default="scar")
     parser.add_argument("--scenario", choices=("CR", "HR"), default="CR")
     parser.add_argument("--forget-class", type=int, default=0)

@@ -43,6 +43,15 @@ def test_unlearn_then_unlearn_again(trained, tmp_path, capsys):
     meta2 = json.loads(out2.with_suffix(".json").read_text())
     assert meta2["removed_classes"] == [1, 2]
 
+    report = tmp_path / "audit.json"
+    assert main(["-q", "evaluate", "--checkpoint", str(out1), "--no-mia", "--out",
+                 str(report)]) == 0
+    audit = json.loads(report.read_text())
+    assert audit["scenario"] == "CR" and audit["forget"]["classes"] == [1]
+    assert set(audit["results"]) == {"original", "evaluated"}
+    assert 0.0 <= audit["results"]["evaluated"]["acc/test_forget"] <= 1.0
+    assert "aus" in audit["results"]["evaluated"]
+
 
 def test_forget_set_sample(tmp_path, capsys):
     out = tmp_path / "idx.json"
