@@ -163,14 +163,19 @@ def test_class_removal_forgets_and_stops(name, trained, train_set):
     assert accuracy_on(out, full) == pytest.approx(checks[-1])
 
 
+@pytest.mark.parametrize("margin", [None, 0.015])
 @pytest.mark.parametrize("name", ["negative_gradient", "random_labels"])
-def test_random_removal_stops_below_test_accuracy(name, trained, train_set):
-    data = make_data(train_set, "HR", original_test_acc=0.9)  # target: 0.9 - 0.015
+def test_random_removal_stops_below_test_accuracy(name, margin, trained, train_set):
+    data = make_data(train_set, "HR", original_test_acc=0.9)
+    target = 0.9 - (margin or 0.0)  # default margin 0; the reference's is 0.015
     # Larger steps than the defaults: 40 mixed-class samples resist a gentle push on this model.
-    method = build_method(name, **{**FAST[name], "epochs": 10, "lr": HR_LR[name]})
+    hp = {**FAST[name], "epochs": 10, "lr": HR_LR[name]}
+    if margin is not None:
+        hp["hr_margin"] = margin
+    method = build_method(name, **hp)
     method.unlearn(trained, data)
     checks = [r["forget_acc"] for r in method.history_ if "forget_acc" in r]
-    assert checks[-1] < 0.885 and all(c >= 0.885 for c in checks[:-1])
+    assert checks[-1] < target and all(c >= target for c in checks[:-1])
 
 
 def test_duck_runs_in_random_removal(trained, train_set):

@@ -126,6 +126,31 @@ def test_hr_scenario_runs_for_scar(tiny_model, synth, hr_splits, surrogate, stat
     assert new is not tiny_model and method.history_
 
 
+@pytest.mark.parametrize("slack", [0.0, 0.3])
+def test_scar_auto_stop_checks_after_the_step_that_nears_the_target(
+        slack, tiny_model, synth, cr_splits, surrogate, stats, monkeypatch):
+    """stop_check=auto runs a full forget-set evaluation right after any step whose own batch
+    accuracy is within stop_slack of the target (not only at forget-batch ends), and only then."""
+    from scar.methods.scar_method import SCAR
+
+    calls: list[int] = []
+    confirm = SCAR.confirm_stop
+
+    def spy(self, model, loader, target):
+        calls.append(len(self.history_))  # the step just recorded
+        return confirm(self, model, loader, target)
+
+    monkeypatch.setattr(SCAR, "confirm_stop", spy)
+    method = build_method("scar", epochs=8, batch_size=64, surrogate_steps=4, stop_slack=slack,
+                          lr=5e-4)
+    method.unlearn(tiny_model, make_data(synth, cr_splits, surrogate, stats))
+    near = [r["step"] for r in method.history_ if r["batch_forget_acc"] < 0.01 + slack]
+    assert near, "the run never neared the target; the test needs a stronger push"
+    assert calls == near  # a check after every such step, and after no other
+    if method.stop_reason_ != "max epochs":
+        assert calls[-1] == method.steps_
+
+
 def test_self_forget_refuses_hr_and_retain_stats(tiny_model, synth, hr_splits, surrogate,
                                                  stats):
     with pytest.raises(ConfigError, match="stats"):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from scar.data.base import Batch
 from scar.errors import ConfigError
-from scar.methods.base import Method, UnlearnData, accuracy_on, stop_target
+from scar.methods.base import HR_MARGIN, Method, UnlearnData, accuracy_on, stop_target
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class SGDForgetMethod(Method):
     epochs: int = 30  # an upper bound: the stopping rule usually ends the run much earlier
     batch_size: int = 256
     milestones: tuple[int, ...] = (25, 40)
+    hr_margin: float = HR_MARGIN  # HR stops below A_test − hr_margin (reference 0.015)
 
     def validate(self) -> None:
         from scar.errors import check_choice, check_range
@@ -58,6 +59,7 @@ class SGDForgetMethod(Method):
         check_count("epochs", self.epochs)
         check_count("batch_size", self.batch_size)
         check_milestones(self.milestones)
+        check_range("hr_margin", self.hr_margin, 0, 1)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -175,7 +177,7 @@ def run_until_forgotten(
     ``method.history_``; the last row of a forget batch also holds ``forget_acc_batch`` and, when a
     full evaluation ran, ``forget_acc``.
     """
-    check = StopCheck(stop_target(data))
+    check = StopCheck(stop_target(data, getattr(method, "hr_margin", HR_MARGIN)))
     forget = data.loader("forget", batch_size, shuffle=True)
     full = data.loader("forget", EVAL_BATCH, shuffle=False)
     sched = epoch_scheduler(optimizer, milestones)

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from scar.data.base import Batch
 from scar.errors import MissingRequirementError, check_range
 from scar.methods import _loops
-from scar.methods.base import Method, UnlearnData, cycle, register
+from scar.methods.base import HR_MARGIN, Method, UnlearnData, cycle, register
 from scar.models.adapter import FeatureModel
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class Duck(Method):
     retain_steps: int = 6  # optimiser steps (one retain batch each) per forget batch
     centroid_batches: int = 10
     milestones: tuple[int, ...] = (25, 40)
+    hr_margin: float = HR_MARGIN  # HR stops below A_test − hr_margin (reference 0.015)
 
     def validate(self) -> None:
         check_range("lr", self.lr, 0, low_inclusive=False)
@@ -132,6 +133,7 @@ class Duck(Method):
         _loops.check_count("retain_steps", self.retain_steps)
         _loops.check_count("centroid_batches", self.centroid_batches)
         _loops.check_milestones(self.milestones)
+        check_range("hr_margin", self.hr_margin, 0, 1)
 
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
         with _loops.seeded(data):

@@ -2,7 +2,7 @@
 
 Retain-free: it reads only the forget set. Like the reference baseline it uses SGD with momentum
 0.9 and a per-epoch MultiStepLR (milestones 25, 40, ×0.5), and stops as soon as the forget
-accuracy is below the target of the stopping rule (CR < 0.01, HR < original test acc − 0.015);
+accuracy is below the target of the stopping rule (CR < 0.01, HR < original test acc − hr_margin);
 see :mod:`scar.methods._loops` for how the check is kept cheap.
 
 The reference sets the learning rate per run on the command line. Measured on Fashion-MNIST

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from scar.data.base import BatchLoader, ImageSet
 from scar.errors import ConfigError, check_choice, check_range
 from scar.methods.base import (
+    HR_MARGIN,
     Method,
     UnlearnData,
     accuracy_on,
@@ -131,9 +132,13 @@ class SCAR(Method):
     # class and surrogate batches another distribution, so batch statistics and the running
     # averages drift. Set bn_train=True for the reference behaviour (the paper grids do).
     bn_train: bool = False
+    # auto: a full forget-set evaluation only after a step whose own (pre-update) batch accuracy
+    # is within stop_slack of the target; step: after every step (the reference); epoch: once
+    # per epoch.
     stop_check: str = "auto"
+    stop_slack: float = 0.0
     stop_from_epoch: int = 0  # the reference only stops from epoch 2 on (0-based)
-    hr_margin: float = 0.015
+    hr_margin: float = HR_MARGIN  # HR stops below A_test − hr_margin (reference 0.015)
     balance_surrogate: bool = False  # CR: also sample surrogates balanced on teacher predictions
 
     def validate(self) -> None:
@@ -155,6 +160,7 @@ class SCAR(Method):
         check_range("hr_gate", self.hr_gate, 0, 1)
         check_range("stop_from_epoch", self.stop_from_epoch, 0)
         check_range("hr_margin", self.hr_margin, 0, 1)
+        check_range("stop_slack", self.stop_slack, 0, 1)
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("stats", self.stats, STATS_SOURCES)
         check_choice("stop_check", self.stop_check, STOP_CHECKS)
@@ -322,16 +328,12 @@ class SCAR(Method):
                     bar.set_postfix(L_M=f"{float(loss_m.detach()):.3f}",
                                     L_TD=f"{float(loss_td.detach()):.3f}",
                                     forget=f"{running_acc:.3f}")
-                    if self.stop_check == "step" and epoch >= self.stop_from_epoch and \
-                            self.confirm_stop(model, forget_eval, target_acc):
+                    if epoch >= self.stop_from_epoch and self.stop_check != "epoch" and (
+                            self.stop_check == "step" or batch_acc < target_acc + self.stop_slack
+                    ) and self.confirm_stop(model, forget_eval, target_acc):
                         stopped = True
                         break
                 if stopped:
-                    break
-                if self.stop_check == "auto" and epoch >= self.stop_from_epoch and \
-                        batch_acc < target_acc and \
-                        self.confirm_stop(model, forget_eval, target_acc):
-                    stopped = True
                     break
             if stopped:
                 break

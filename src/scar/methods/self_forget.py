@@ -25,15 +25,37 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def split_by_prediction(teacher: FeatureModel, data: UnlearnData, batch_size: int
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(indices predicted as a removed class, their predicted labels, the other indices)."""
-    preds = torch.cat([teacher.logits(b.x).argmax(1).cpu()
-                       for b in data.loader("surrogate", batch_size, shuffle=False)])
-    removed = torch.tensor(data.removed_classes)
-    hit = torch.isin(preds, removed)
+def removed_class_scores(teacher: FeatureModel, data: UnlearnData, batch_size: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per surrogate image: (teacher argmax, best removed class, its softmax probability)."""
+    removed = torch.tensor(data.removed_classes, device=data.device)
+    preds, best, prob = [], [], []
+    for b in data.loader("surrogate", batch_size, shuffle=False):
+        logits = teacher.logits(b.x)
+        p = logits.softmax(1)[:, removed]
+        top = p.max(1)
+        preds.append(logits.argmax(1).cpu())
+        best.append(removed[top.indices].cpu())
+        prob.append(top.values.cpu())
+    return torch.cat(preds), torch.cat(best), torch.cat(prob)
+
+
+def select_proxies(preds: torch.Tensor, best: torch.Tensor, prob: torch.Tensor,
+                   removed: tuple[int, ...], min_proxies: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(proxy indices, their removed-class labels, the other indices).
+
+    Proxies are the images the teacher predicts as a removed class (the reference); when there
+    are fewer than ``min_proxies`` of them, the images with the highest removed-class
+    probability fill up to ``min_proxies`` (labelled with that most probable removed class).
+    """
+    hit = torch.isin(preds, torch.tensor(removed))
+    if int(hit.sum()) < min_proxies:
+        order = torch.argsort(prob, descending=True, stable=True)
+        hit = torch.zeros_like(hit)
+        hit[order[:min(min_proxies, len(prob))]] = True
     idx = torch.arange(len(preds))
-    return idx[hit], preds[hit], idx[~hit]
+    return idx[hit], best[hit], idx[~hit]
 
 
 @register
@@ -46,6 +68,8 @@ class SCARSelfForget(SCAR):
     scenarios: ClassVar[tuple[str, ...]] = ("CR",)
 
     min_forget_images: int = 10
+    # 0 = the reference: only images predicted as a removed class are proxies.
+    min_proxies: int = 0
 
     def validate(self) -> None:
         super().validate()
@@ -57,7 +81,9 @@ class SCARSelfForget(SCAR):
 
     def prepare(self, teacher: FeatureModel, data: UnlearnData
                 ) -> tuple[ImageSet, ImageSet, float]:
-        hit, labels, rest = split_by_prediction(teacher, data, self.batch_size)
+        preds, best, prob = removed_class_scores(teacher, data, self.batch_size)
+        hit, labels, rest = select_proxies(preds, best, prob, data.removed_classes,
+                                           self.min_proxies)
         log.info("self-forget: %d of %d surrogate images are predicted as removed classes %s",
                  len(hit), len(hit) + len(rest), list(data.removed_classes))
         if len(hit) < self.min_forget_images:
