@@ -3,7 +3,8 @@
 The method's own pieces are wrapped with timers on the instance (the library is not changed):
 ``prepare`` (self-forget: the teacher pass that picks surrogate-forget images), ``class_stats``
 (class statistics), ``build_head`` (shrinkage, pseudo-inverse, factorisation), ``assign_targets``
-(nearest wrong class, one pass over the forget set), ``surrogate_source`` (CR: sampler set-up; HR:
+(nearest wrong class of each forget image, on first sight: per forget batch in CR, one pass over
+the forget set first in HR), ``surrogate_source`` (CR: sampler set-up; HR:
 the teacher's logits on every surrogate image) and the teacher-target function it returns (CR:
 one teacher forward per step), the surrogate batch iterator (loading), ``confirm_stop`` (full
 forget-set checks of the stopping rule). The unlearning total is ``method.seconds_``; what no timer
@@ -47,9 +48,9 @@ PHASES = {
     "prepare": "forget/surrogate preparation (self-forget: a teacher pass)",
     "class_stats": "class statistics",
     "build_head": "precision matrices (shrink, pinv, factors)",
-    "assign_targets": "target assignment (nearest wrong class)",
+    "assign_targets": "target assignment (nearest wrong class, on first sight)",
     "surrogate_source": "teacher passes: surrogate set-up",
-    "confirm_stop": "stopping checks (full forget-set passes)",
+    "confirm_stop": "stopping checks (forget-set passes; a failing one ends early)",
 }
 TEACHER_STEP = "teacher passes: per-step targets"
 SURROGATE_LOAD = "surrogate batch loading"

@@ -13,7 +13,7 @@ from scar.data.base import InputSpec, TensorImages
 from scar.errors import ConfigError, MissingRequirementError
 from scar.methods import build_method
 from scar.methods._loops import StopCheck, seeded
-from scar.methods.base import UnlearnData, accuracy_on
+from scar.methods.base import UnlearnData, accuracy_on, check_below
 from scar.methods.duck import class_centroids, nearest_wrong_centroid
 from scar.methods.random_labels import random_targets
 from scar.methods.retrain import reinitialize
@@ -214,11 +214,27 @@ def test_duck_assigns_a_wrong_kept_class_per_sample(scenario, trained, train_set
     assert not (assigned == data.forget.labels).any()
 
 
-def test_stop_check_is_pure_bookkeeping():
+def test_stop_check_decides_when_to_check_and_counts_checks(trained, train_set):
     check = StopCheck(target=0.01)
     assert not check.worth_checking(0.5)
     assert check.worth_checking(0.5, end_of_epoch=True) and check.worth_checking(0.0)
-    assert not check.reached(0.01) and check.reached(0.0) and check.full_checks == 2
+    full = make_data(train_set).loader("forget", 8, shuffle=False)
+    assert not check.run(trained, full).reached  # the trained model knows the class
+    assert check.full_checks == 1
+
+
+def test_check_below_is_exact_and_ends_early_when_the_target_is_out_of_reach(trained,
+                                                                           train_set):
+    loader = make_data(train_set).loader("forget", 4, shuffle=False)
+    n = PER_CLASS
+    acc = accuracy_on(trained, loader)
+    assert acc > 0.9
+    below = check_below(trained, loader, acc + 1e-6)  # strictly below: needs every image
+    assert below.reached and below.exact and below.accuracy == pytest.approx(acc)
+    assert not check_below(trained, loader, acc).reached  # equal is not below
+    early = check_below(trained, loader, 0.01)  # the first correct image settles it
+    assert not early.reached and not early.exact and early.seen == 4
+    assert early.correct >= 0.01 * n and early.accuracy <= acc
 
 
 def test_seeded_does_not_leak_global_rng(train_set):

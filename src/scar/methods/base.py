@@ -24,12 +24,15 @@ from torch import nn
 
 from scar.data.base import BatchLoader, ImageSet, InputSpec, SubsetImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice
+from scar.models.base import channels_last
 from scar.registry import Registry
 
 log = logging.getLogger(__name__)
 
 #: Names of the data a method can touch (keys of the access profile).
 DATA_KINDS = ("forget", "retain", "surrogate", "stats")
+#: Batch size of inference-only passes over a split (stopping checks, target assignment).
+EVAL_BATCH = 1024
 SCENARIOS = ("CR", "HR")
 
 
@@ -151,7 +154,8 @@ class Method:
             p.requires_grad_(False)
         self.history_: list[dict[str, float]] = []
         start = time.perf_counter()
-        new = self._unlearn(new, original, data) or new
+        with channels_last(new, original):
+            new = self._unlearn(new, original, data) or new
         if data.device.type == "cuda":
             torch.cuda.synchronize(data.device)
         self.seconds_ = time.perf_counter() - start
@@ -268,6 +272,52 @@ def predict(model: nn.Module, loader: BatchLoader) -> tuple[torch.Tensor, torch.
 def accuracy_on(model: nn.Module, loader: BatchLoader) -> float:
     p, y = predict(model, loader)
     return float((p == y).float().mean()) if len(y) else float("nan")
+
+
+@dataclass(frozen=True)
+class ForgetCheck:
+    """Outcome of one stopping-rule check over the forget set (see :func:`check_below`)."""
+
+    reached: bool  # accuracy strictly below the target
+    correct: int  # correct predictions counted
+    seen: int  # images evaluated (the loader's first ``seen``): all, unless the check ended early
+    total: int
+    hits: torch.Tensor | None = None  # bool [seen]: which of them were classified correctly
+
+    @property
+    def exact(self) -> bool:
+        return self.seen == self.total
+
+    @property
+    def accuracy(self) -> float:
+        """The forget accuracy when ``exact``; otherwise a lower bound (the check ended early)."""
+        return self.correct / self.total if self.total else float("nan")
+
+
+@torch.inference_mode()
+def check_below(model: nn.Module, loader: BatchLoader, target: float) -> ForgetCheck:
+    """Is ``model``'s accuracy over ``loader`` strictly below ``target``? (eval mode; restored)
+
+    The decision is exact, but the pass ends as soon as the correct predictions counted so far
+    rule the target out (accuracy < target ⇔ correct < target · total): a failed check usually
+    costs a fraction of a full pass, and only a successful one evaluates every image.
+    """
+    was = model.training
+    model.eval()
+    total = len(loader.data)
+    correct = 0
+    hits = []
+    try:
+        for b in loader:
+            hits.append(model(b.x).argmax(1) == b.y)
+            correct += int(hits[-1].sum())
+            if correct >= target * total:
+                break
+    finally:
+        model.train(was)
+    mask = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    return ForgetCheck(reached=correct < target * total, correct=correct, seen=len(mask),
+                       total=total, hits=mask)
 
 
 def set_bn_train(model: nn.Module, train_bn: bool) -> None:

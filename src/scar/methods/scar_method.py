@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from scar.data.base import BatchLoader, ImageSet
+from scar.data.base import ImageSet
 from scar.errors import ConfigError, check_choice, check_range
 from scar.methods.base import (
+    EVAL_BATCH,
     HR_MARGIN,
     Method,
     UnlearnData,
-    accuracy_on,
+    check_below,
     cycle,
     register,
     set_bn_train,
@@ -206,23 +207,14 @@ class SCAR(Method):
         return head.to(device=device, dtype=torch.float32)
 
     @torch.no_grad()
-    def assign_targets(self, student: FeatureModel, head: MahalanobisHead,
-                       loader: BatchLoader, n: int, device: torch.device
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample nearest wrong class Q*(x) (fixed for the run) and initial correctness.
-
-        Uses the model before the first update, in eval mode.
-        """
-        was = student.training
-        student.eval()
-        targets = torch.full((n,), -1, dtype=torch.long, device=device)
-        correct = torch.zeros(n, dtype=torch.bool, device=device)
-        for b in loader:
-            feats, logits = student(b.x)
-            targets[b.idx] = head.nearest_wrong_class(feats, b.y)
-            correct[b.idx] = logits.argmax(1) == b.y
-        student.train(was)
-        return targets, correct
+    def assign_targets(self, teacher: FeatureModel, head: MahalanobisHead, targets: TargetCache,
+                       batch) -> None:
+        """Fill ``targets`` for the batch's forget images not seen before (spec §3)."""
+        new = ~targets.seen[batch.idx]
+        if bool(new.any()):
+            feats, logits = teacher(batch.x[new])
+            targets.set(batch.idx[new], head.nearest_wrong_class(feats, batch.y[new]),
+                        logits.argmax(1) == batch.y[new])
 
     def surrogate_source(self, original: nn.Module, data: UnlearnData, surrogate: ImageSet):
         """(batches, teacher-target fn) for the distillation term.
@@ -277,8 +269,11 @@ class SCAR(Method):
         forget, surrogate, target_acc = self.prepare(teacher, data)
         head = self.build_head(self.class_stats(teacher, data), dev)
 
-        forget_eval = data.loader(forget, self.batch_size, shuffle=False)
-        targets, correct = self.assign_targets(student, head, forget_eval, len(forget), dev)
+        forget_eval = data.loader(forget, EVAL_BATCH, shuffle=False)
+        targets = TargetCache(len(forget), dev)
+        if data.scenario == "HR":  # the per-class gate needs every image's initial correctness
+            for b in forget_eval:
+                self.assign_targets(teacher, head, targets, b)
         forget_labels = forget.labels.to(dev)
         sur_batches, teacher_target = self.surrogate_source(original, data, surrogate)
         divergence = DIVERGENCE_FNS[self.divergence]
@@ -289,60 +284,58 @@ class SCAR(Method):
         self.stop_reason_ = "max epochs"
         self.full_checks_ = 0
         steps = self.epochs * len(forget_loader) * self.surrogate_steps
-        bar = tqdm(total=steps, desc="scar", disable=not data.progress, dynamic_ncols=True,
+        bar = tqdm(total=steps, desc=self.name, disable=not data.progress, dynamic_ncols=True,
                    leave=False)
         step = 0
-        stopped = False
-        for epoch in range(self.epochs):
-            for fb in forget_loader:
-                for _ in range(self.surrogate_steps):
-                    set_bn_train(model, self.bn_train)
-                    feats, logits = student(fb.x)
-                    dist = head.distance_to(feats, targets[fb.idx])
-                    weights = self.sample_weights(correct, forget_labels, fb.y, data)
-                    loss_m = self.lambda_1 * (weights * dist).mean()
+        try:
+            for epoch in range(self.epochs):
+                for fb in forget_loader:
+                    self.assign_targets(teacher, head, targets, fb)
+                    for _ in range(self.surrogate_steps):
+                        set_bn_train(model, self.bn_train)
+                        feats, logits = student(fb.x)
+                        dist = head.distance_to(feats, targets.targets[fb.idx])
+                        weights = self.sample_weights(targets.correct, forget_labels, fb.y, data)
+                        loss_m = self.lambda_1 * (weights * dist).mean()
 
-                    sb = next(sur_batches)
-                    t_logits, keep = teacher_target(sb)
-                    if t_logits.shape[0]:
-                        loss_td = self.lambda_2 * divergence(
-                            t_logits, model(sb.x[keep]), self.temperature)
-                    else:  # every surrogate image of this batch was a removed class
-                        loss_td = torch.zeros((), device=dev)
-                    loss = loss_m + loss_td
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    step += 1
+                        sb = next(sur_batches)
+                        t_logits, keep = teacher_target(sb)
+                        if t_logits.shape[0]:
+                            loss_td = self.lambda_2 * divergence(
+                                t_logits, model(sb.x[keep]), self.temperature)
+                        else:  # every surrogate image of this batch was a removed class
+                            loss_td = torch.zeros((), device=dev)
+                        loss = loss_m + loss_td
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        step += 1
 
-                    # The step's own (pre-update) predictions refresh the running forget
-                    # accuracy; no extra pass over the forget set.
-                    batch_correct = logits.detach().argmax(1) == fb.y
-                    correct[fb.idx] = batch_correct
-                    batch_acc = float(batch_correct.float().mean())
-                    running_acc = float(correct.float().mean())
-                    self.record(step=step, epoch=epoch, loss_m=loss_m.detach(),
-                                loss_td=loss_td.detach(), batch_forget_acc=batch_acc,
-                                running_forget_acc=running_acc)
-                    bar.update(1)
-                    bar.set_postfix(L_M=f"{float(loss_m.detach()):.3f}",
-                                    L_TD=f"{float(loss_td.detach()):.3f}",
-                                    forget=f"{running_acc:.3f}")
-                    if epoch >= self.stop_from_epoch and self.stop_check != "epoch" and (
-                            self.stop_check == "step" or batch_acc < target_acc + self.stop_slack
-                    ) and self.confirm_stop(model, forget_eval, target_acc):
-                        stopped = True
-                        break
-                if stopped:
-                    break
-            if stopped:
-                break
-            if self.stop_check == "epoch" and epoch >= self.stop_from_epoch and \
-                    self.confirm_stop(model, forget_eval, target_acc):
-                break
-        bar.close()
-        self.steps_ = step
-        return model
+                        # The step's own (pre-update) predictions refresh the running forget
+                        # accuracy; no extra pass over the forget set.
+                        batch_correct = logits.detach().argmax(1) == fb.y
+                        targets.correct[fb.idx] = batch_correct
+                        batch_acc = float(batch_correct.float().mean())
+                        running_acc = targets.running_accuracy()
+                        self.record(step=step, epoch=epoch, loss_m=loss_m.detach(),
+                                    loss_td=loss_td.detach(), batch_forget_acc=batch_acc,
+                                    running_forget_acc=running_acc)
+                        bar.update(1)
+                        bar.set_postfix(L_M=f"{float(loss_m.detach()):.3f}",
+                                        L_TD=f"{float(loss_td.detach()):.3f}",
+                                        forget=f"{running_acc:.3f}")
+                        if epoch >= self.stop_from_epoch and self.stop_check != "epoch" and (
+                                self.stop_check == "step"
+                                or batch_acc < target_acc + self.stop_slack
+                        ) and self.confirm_stop(model, data, forget, targets, target_acc):
+                            return model
+                if self.stop_check == "epoch" and epoch >= self.stop_from_epoch and \
+                        self.confirm_stop(model, data, forget, targets, target_acc):
+                    return model
+            return model
+        finally:
+            bar.close()
+            self.steps_ = step
 
     def sample_weights(self, correct: torch.Tensor, forget_labels: torch.Tensor,
                        y: torch.Tensor, data: UnlearnData) -> torch.Tensor:
@@ -354,12 +347,49 @@ class SCAR(Method):
         class_acc = torch.bincount(forget_labels, weights=correct.float(), minlength=c) / totals
         return hr_gate_weights(class_acc, self.hr_gate)[y]
 
-    def confirm_stop(self, model: nn.Module, forget_eval: BatchLoader, target: float) -> bool:
-        """Full forget-set accuracy (eval mode) below the target → stop."""
+    def confirm_stop(self, model: nn.Module, data: UnlearnData, forget: ImageSet,
+                     targets: TargetCache, target: float) -> bool:
+        """Forget-set accuracy (eval mode) below the target → stop.
+
+        The decision is exact, but a failing check ends as soon as the target is out of reach
+        (:func:`check_below`), and the images most likely still classified correctly (so far
+        unseen, or correct at their latest step or check) are evaluated first, so that a failing
+        check typically costs one batch. Only a successful check evaluates every image.
+        """
         self.full_checks_ += 1
-        acc = accuracy_on(model, forget_eval)
-        if acc < target:
-            self.stop_reason_ = f"forget accuracy {acc:.4f} < target {target:.4f}"
-            log.info("scar: stopping, %s", self.stop_reason_)
-            return True
-        return False
+        order = torch.argsort((targets.correct | ~targets.seen).to(torch.int8), descending=True,
+                              stable=True)
+        loader = data.loader(forget.subset(order.cpu()), EVAL_BATCH, shuffle=False)
+        check = check_below(model, loader, target)
+        scanned = order[:check.seen]
+        targets.correct[scanned] = check.hits.to(targets.correct.device)
+        if check.reached:
+            self.stop_reason_ = f"forget accuracy {check.accuracy:.4f} < target {target:.4f}"
+            log.info("%s: stopping, %s", self.name, self.stop_reason_)
+        return check.reached
+
+
+class TargetCache:
+    """Per forget image: the nearest wrong class Q*(x), fixed for the run (spec §3), and whether
+    the model currently classifies it correctly.
+
+    Q*(x) is computed the first time the run reaches an image, with the frozen original model:
+    before the first update it *is* the unlearning model (same weights, eval mode, as the
+    reference's assignment pass), so the targets are the reference's, and a forget image the run
+    never reaches (class removal often stops within one epoch) costs no forward pass.
+    """
+
+    def __init__(self, n: int, device: torch.device):
+        self.targets = torch.full((n,), -1, dtype=torch.long, device=device)
+        self.correct = torch.zeros(n, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def set(self, idx: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor) -> None:
+        self.targets[idx] = targets
+        self.correct[idx] = correct
+        self.seen[idx] = True
+
+    def running_accuracy(self) -> float:
+        """Forget accuracy over the images seen so far, from their latest step predictions."""
+        n = int(self.seen.sum())
+        return float((self.correct & self.seen).sum()) / n if n else float("nan")
