@@ -33,7 +33,13 @@ from typing import Any
 
 import torch
 
-from scar.utils import atomic_write_text, device_name, resolve_device, versions
+from scar.utils import (
+    atomic_write_text,
+    device_name,
+    resolve_device,
+    tune_cpu_allocator,
+    versions,
+)
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -102,7 +108,9 @@ def setup_logging(verbose: bool = False) -> None:
 def get_device(args: argparse.Namespace) -> torch.device:
     """The device of ``--device``; ``--small`` runs stay on the CPU unless a device is named.
 
-    Also applies ``--threads``."""
+    Also applies ``--threads`` and, like the ``scar`` command, tunes glibc's allocator
+    (``scar.utils.tune_cpu_allocator``; ``SCAR_NO_MALLOPT=1`` to keep its defaults)."""
+    tune_cpu_allocator()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if getattr(args, "small", False) and args.device == "auto":

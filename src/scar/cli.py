@@ -404,6 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose, args.quiet)
+    from scar.utils import tune_cpu_allocator
+
+    tune_cpu_allocator()
     if not args.command:
         parser.print_help()
         return 1

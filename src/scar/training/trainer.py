@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scar.data.base import Augment, BatchLoader, ImageSet, InputSpec
+from scar.models.base import channels_last
 from scar.training.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -110,29 +111,30 @@ def train_model(
     start = time.perf_counter()
     bar = tqdm(total=recipe.epochs * len(loader), desc=desc, disable=not progress,
                dynamic_ncols=True, leave=False)
-    for epoch in range(recipe.epochs):
-        model.train()
-        tot_loss, tot_correct, seen = 0.0, 0, 0
-        for batch in loader:
-            with autocast_for(device, amp):
-                logits = model(batch.x)
-                loss = loss_fn(logits.float(), batch.y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            n = batch.y.numel()
-            tot_loss += float(loss.detach()) * n
-            tot_correct += int((logits.argmax(1) == batch.y).sum())
-            seen += n
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{tot_loss / seen:.3f}",
-                            acc=f"{tot_correct / seen:.3f}")
-        row = {"epoch": epoch + 1, "loss": tot_loss / max(seen, 1),
-               "train_acc": tot_correct / max(seen, 1)}
-        history.append(row)
-        log.info("%s epoch %d/%d loss %.4f acc %.4f", desc, epoch + 1, recipe.epochs,
-                 row["loss"], row["train_acc"])
+    with channels_last(model):
+        for epoch in range(recipe.epochs):
+            model.train()
+            tot_loss, tot_correct, seen = 0.0, 0, 0
+            for batch in loader:
+                with autocast_for(device, amp):
+                    logits = model(batch.x)
+                    loss = loss_fn(logits.float(), batch.y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                n = batch.y.numel()
+                tot_loss += float(loss.detach()) * n
+                tot_correct += int((logits.argmax(1) == batch.y).sum())
+                seen += n
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{tot_loss / seen:.3f}",
+                                acc=f"{tot_correct / seen:.3f}")
+            row = {"epoch": epoch + 1, "loss": tot_loss / max(seen, 1),
+                   "train_acc": tot_correct / max(seen, 1)}
+            history.append(row)
+            log.info("%s epoch %d/%d loss %.4f acc %.4f", desc, epoch + 1, recipe.epochs,
+                     row["loss"], row["train_acc"])
     bar.close()
     seconds = time.perf_counter() - start
     model.eval()
