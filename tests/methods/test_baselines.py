@@ -237,6 +237,17 @@ def test_check_below_is_exact_and_ends_early_when_the_target_is_out_of_reach(tra
     assert early.correct >= 0.01 * n and early.accuracy <= acc
 
 
+def test_check_below_statistical_no_ends_early_and_a_stop_still_needs_every_image(trained,
+                                                                                  train_set):
+    loader = make_data(train_set).loader("forget", 4, shuffle=True)
+    acc = accuracy_on(trained, loader)
+    exact_no = check_below(trained, loader, 0.5)  # needs 0.5 · 40 = 20 correct images
+    stat_no = check_below(trained, loader, 0.5, z=3.0, min_seen=8)
+    assert not exact_no.reached and not stat_no.reached and stat_no.seen < exact_no.seen
+    stop = check_below(trained, loader, acc + 1e-6, z=3.0, min_seen=8)
+    assert stop.reached and stop.exact
+
+
 def test_seeded_does_not_leak_global_rng(train_set):
     torch.manual_seed(123)
     expected = torch.rand(3)

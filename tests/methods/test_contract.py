@@ -14,7 +14,7 @@ from scar.models.adapter import FeatureModel
 #: Small hyperparameters so that each method runs in a second or two on the tiny data.
 FAST: dict[str, dict] = {
     "scar": {"epochs": 2, "batch_size": 64, "surrogate_steps": 2},
-    "scar_self_forget": {"epochs": 2, "batch_size": 64, "surrogate_steps": 2},
+    "scar_self_forget": {"epochs": 2, "batch_size": 64, "surrogate_steps": 2, "synth_steps": 5},
     "finetune": {"epochs": 1, "batch_size": 64},
     "negative_gradient": {"epochs": 2, "batch_size": 64},
     "random_labels": {"epochs": 2, "batch_size": 64},
@@ -136,9 +136,9 @@ def test_scar_auto_stop_checks_after_the_step_that_nears_the_target(
     calls: list[int] = []
     confirm = SCAR.confirm_stop
 
-    def spy(self, model, loader, target):
+    def spy(self, *args):
         calls.append(len(self.history_))  # the step just recorded
-        return confirm(self, model, loader, target)
+        return confirm(self, *args)
 
     monkeypatch.setattr(SCAR, "confirm_stop", spy)
     method = build_method("scar", epochs=8, batch_size=64, surrogate_steps=4, stop_slack=slack,
@@ -158,6 +158,43 @@ def test_self_forget_refuses_hr_and_retain_stats(tiny_model, synth, hr_splits, s
     method = build_method("scar_self_forget", **fast("scar_self_forget"))
     with pytest.raises(ConfigError, match="scenarios"):
         method.unlearn(tiny_model, make_data(synth, hr_splits, surrogate, stats, scenario="HR"))
+
+
+def test_select_proxies_fills_up_with_the_most_probable_images():
+    from scar.methods.self_forget import select_proxies
+
+    preds = torch.tensor([1, 0, 2, 1, 0, 0])
+    best = torch.tensor([1, 1, 1, 1, 1, 1])
+    prob = torch.tensor([0.9, 0.4, 0.1, 0.8, 0.6, 0.2])
+    hit, labels, rest = select_proxies(preds, best, prob, (1,), min_proxies=0)
+    assert hit.tolist() == [0, 3] and rest.tolist() == [1, 2, 4, 5]  # the reference: argmax
+    hit, labels, rest = select_proxies(preds, best, prob, (1,), min_proxies=4)
+    assert sorted(hit.tolist()) == [0, 1, 3, 4] and labels.tolist() == [1, 1, 1, 1]
+    assert rest.tolist() == [2, 5]
+    hit, labels, rest = select_proxies(preds, best, prob, (1,), min_proxies=0, max_proxies=1)
+    assert hit.tolist() == [0] and rest.tolist() == [1, 2, 3, 4, 5]  # the most probable one
+
+
+def test_proxy_synthesis_moves_proxies_to_the_removed_class(tiny_model, synth, cr_splits,
+                                                            tiny_surrogate, stats):
+    noise = TensorImages(tiny_surrogate.images, torch.full((len(tiny_surrogate),), -1))
+    data = make_data(synth, cr_splits, noise, stats)
+    teacher = FeatureModel(tiny_model.eval())
+
+    def removed_rate(forget):
+        x = next(iter(data.loader(forget, 1024, shuffle=False))).x
+        with torch.no_grad():
+            return float((teacher.logits(x).argmax(1) == 1).float().mean())
+
+    plain = build_method("scar_self_forget", min_proxies=128, max_proxies=None, synth_steps=0)
+    forget, rest, _ = plain.prepare(teacher, data)
+    assert len(forget) == 128 and len(rest) == len(noise) - 128
+    assert plain.access_note() is None  # the reference reads no removed-class statistics
+    synth_ = build_method("scar_self_forget", min_proxies=128, max_proxies=None, synth_steps=40)
+    moved, _, _ = synth_.prepare(teacher, data)
+    assert moved.images.dtype == torch.uint8 and moved.labels.tolist() == [1] * 128
+    assert removed_rate(moved) > max(0.8, removed_rate(forget))
+    assert synth_.proxy_stats_ and "removed classes" in access_profile(synth_)
 
 
 def test_surrogate_statistics_group_by_prediction(tiny_model, synth, cr_splits, surrogate):

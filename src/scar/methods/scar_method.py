@@ -46,6 +46,10 @@ STATS_SOURCES = ("stored", "retain", "surrogate")
 DIVERGENCES = ("kl", "js")
 STOP_CHECKS = ("auto", "epoch", "step")
 DEFAULT_LR = {"CR": 5e-4, "HR": 2e-4}
+#: Batch of the stopping checks: small, because a failing check usually ends within its first
+#: batch (the likely-correct images come first), while a larger one would not be faster per
+#: image on a CPU.
+CHECK_BATCH = 256
 
 
 # ---------------------------------------------------------------- pure loss pieces
@@ -113,10 +117,17 @@ class SCAR(Method):
     lr: float | None = None
     weight_decay: float = 0.0
     epochs: int = 30
-    batch_size: int = 1024
-    surrogate_batch_size: int | None = None  # None → batch_size
+    # Batches: 64 forget + 128 surrogate images per step, and λ2 = 8, instead of the reference's
+    # 1024 + 1024 and λ2 = 5. Adam needs about as many steps whatever the batch, so a step's
+    # cost is what the batch sizes buy. Measured on Fashion-MNIST (fastcnn, CPU, all 10 classes,
+    # benchmarks/fmnist_cr): the same forgetting (test-forget ≤ 1.5%) with a smaller retain-test
+    # loss (class 0: −2.0 points vs −2.4) in 5 s instead of 33 s. λ2 = 8 is what keeps the
+    # retain accuracy with the smaller surrogate batch (λ2 = 5: class 0 −3.2 points). The paper
+    # grids in configs/ set the reference values.
+    batch_size: int = 64
+    surrogate_batch_size: int | None = 128  # None → batch_size (the reference)
     lambda_1: float = 1.0
-    lambda_2: float = 5.0
+    lambda_2: float = 8.0
     temperature: float = 1.0
     delta: float = 0.5
     gamma_1: float = 3.0
@@ -175,7 +186,7 @@ class SCAR(Method):
     def class_stats(self, original: FeatureModel, data: UnlearnData) -> ClassStats:
         """Statistics of the kept classes from the configured source (spec §1)."""
         kw = dict(num_classes=data.num_classes, delta=self.delta, tukey_mode=self.tukey_mode,
-                  device=data.device, batch_size=self.batch_size)
+                  device=data.device, batch_size=EVAL_BATCH)
         if self.stats == "stored":
             stats = data.stats
             if abs(stats.delta - self.delta) > 1e-12:
@@ -228,7 +239,7 @@ class SCAR(Method):
         sbs = self.surrogate_batch_size or self.batch_size
         with torch.no_grad():
             t_all = torch.cat([original(b.x) for b in
-                               data.loader(surrogate, sbs, shuffle=False)])
+                               data.loader(surrogate, EVAL_BATCH, shuffle=False)])
         pred = t_all.argmax(1).cpu()
         if data.scenario == "CR":
             removed = torch.tensor(data.removed_classes, device=data.device)
@@ -314,7 +325,7 @@ class SCAR(Method):
                         # The step's own (pre-update) predictions refresh the running forget
                         # accuracy; no extra pass over the forget set.
                         batch_correct = logits.detach().argmax(1) == fb.y
-                        targets.correct[fb.idx] = batch_correct
+                        targets.observe(fb.idx, batch_correct)
                         batch_acc = float(batch_correct.float().mean())
                         running_acc = targets.running_accuracy()
                         self.record(step=step, epoch=epoch, loss_m=loss_m.detach(),
@@ -351,18 +362,22 @@ class SCAR(Method):
                      targets: TargetCache, target: float) -> bool:
         """Forget-set accuracy (eval mode) below the target → stop.
 
-        The decision is exact, but a failing check ends as soon as the target is out of reach
-        (:func:`check_below`), and the images most likely still classified correctly (so far
-        unseen, or correct at their latest step or check) are evaluated first, so that a failing
-        check typically costs one batch. Only a successful check evaluates every image.
+        A stop is decided exactly, on every image; a "not yet" ends early (:func:`check_below`).
+        In CR the images most likely still classified correctly (correct at their latest step
+        or check, then never evaluated) come first, so that a failing check typically costs one
+        batch; in HR the order is random and a clear "not yet" ends on a statistical bound.
         """
         self.full_checks_ += 1
-        order = torch.argsort((targets.correct | ~targets.seen).to(torch.int8), descending=True,
-                              stable=True)
-        loader = data.loader(forget.subset(order.cpu()), EVAL_BATCH, shuffle=False)
-        check = check_below(model, loader, target)
-        scanned = order[:check.seen]
-        targets.correct[scanned] = check.hits.to(targets.correct.device)
+        if data.scenario == "CR":
+            order, z = targets.likely_correct_first(), None
+        else:
+            # HR hovers near its target, where a "no" needs almost every image to be exact:
+            # a random order lets a clear "no" end early on a statistical bound instead.
+            g = torch.Generator().manual_seed(data.seed + self.full_checks_)
+            order, z = torch.randperm(len(forget), generator=g).to(targets.correct.device), 3.0
+        loader = data.loader(forget.subset(order.cpu()), CHECK_BATCH, shuffle=False)
+        check = check_below(model, loader, target, z=z)
+        targets.observe(order[:check.seen], check.hits.to(targets.correct.device))
         if check.reached:
             self.stop_reason_ = f"forget accuracy {check.accuracy:.4f} < target {target:.4f}"
             log.info("%s: stopping, %s", self.name, self.stop_reason_)
@@ -382,12 +397,24 @@ class TargetCache:
     def __init__(self, n: int, device: torch.device):
         self.targets = torch.full((n,), -1, dtype=torch.long, device=device)
         self.correct = torch.zeros(n, dtype=torch.bool, device=device)
-        self.seen = torch.zeros(n, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(n, dtype=torch.bool, device=device)  # has a target
+        self.known = torch.zeros(n, dtype=torch.bool, device=device)  # ``correct`` is measured
 
     def set(self, idx: torch.Tensor, targets: torch.Tensor, correct: torch.Tensor) -> None:
         self.targets[idx] = targets
-        self.correct[idx] = correct
         self.seen[idx] = True
+        self.observe(idx, correct)
+
+    def observe(self, idx: torch.Tensor, correct: torch.Tensor) -> None:
+        """Latest correctness of some images (from a step's or a check's predictions)."""
+        self.correct[idx] = correct
+        self.known[idx] = True
+
+    def likely_correct_first(self) -> torch.Tensor:
+        """Image order for a stopping check: correct when last measured, then never measured,
+        then wrong when last measured (stable within each group)."""
+        rank = torch.where(self.known, self.correct.to(torch.int8) * 2, 1)
+        return torch.argsort(rank, descending=True, stable=True)
 
     def running_accuracy(self) -> float:
         """Forget accuracy over the images seen so far, from their latest step predictions."""

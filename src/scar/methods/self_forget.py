@@ -15,13 +15,16 @@ from typing import ClassVar
 
 import torch
 
-from scar.data.base import ImageSet
-from scar.errors import ConfigError, MissingRequirementError
-from scar.methods.base import UnlearnData, register
+from scar.data.base import ImageSet, InputSpec, TensorImages, normalize
+from scar.errors import ConfigError, MissingRequirementError, check_range
+from scar.methods.base import EVAL_BATCH, UnlearnData, register
 from scar.methods.scar_method import SCAR
 from scar.models.adapter import FeatureModel
 
 log = logging.getLogger(__name__)
+
+#: Images optimised together by the proxy synthesis.
+SYNTH_BATCH = 256
 
 
 @torch.no_grad()
@@ -41,19 +44,22 @@ def removed_class_scores(teacher: FeatureModel, data: UnlearnData, batch_size: i
 
 
 def select_proxies(preds: torch.Tensor, best: torch.Tensor, prob: torch.Tensor,
-                   removed: tuple[int, ...], min_proxies: int
+                   removed: tuple[int, ...], min_proxies: int, max_proxies: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(proxy indices, their removed-class labels, the other indices).
 
     Proxies are the images the teacher predicts as a removed class (the reference); when there
     are fewer than ``min_proxies`` of them, the images with the highest removed-class
     probability fill up to ``min_proxies`` (labelled with that most probable removed class).
+    With ``max_proxies``, only that many of them are kept (the most probable ones).
     """
     hit = torch.isin(preds, torch.tensor(removed))
-    if int(hit.sum()) < min_proxies:
+    n_hit = int(hit.sum())
+    if n_hit < min_proxies or (max_proxies is not None and n_hit > max_proxies):
+        want = max(min_proxies, min(n_hit, max_proxies if max_proxies is not None else n_hit))
         order = torch.argsort(prob, descending=True, stable=True)
         hit = torch.zeros_like(hit)
-        hit[order[:min(min_proxies, len(prob))]] = True
+        hit[order[:min(want, len(prob))]] = True
     idx = torch.arange(len(preds))
     return idx[hit], best[hit], idx[~hit]
 
@@ -67,30 +73,66 @@ class SCARSelfForget(SCAR):
     requires: ClassVar[frozenset[str]] = frozenset({"surrogate"})
     scenarios: ClassVar[tuple[str, ...]] = ("CR",)
 
+    # λ2 = 5 (the reference's; SCAR's default is 8): self-forget distils on nearly the whole
+    # surrogate set, and the stronger pull of λ2 = 8 left more of the real class (Fashion-MNIST,
+    # class 0: test-forget 4.2% vs 2.5%; class 7: 3.0% vs 2.2%).
+    lambda_2: float = 5.0
     min_forget_images: int = 10
-    # 0 = the reference: only images predicted as a removed class are proxies.
-    min_proxies: int = 0
+    # Proxies: the surrogate images the original model predicts as a removed class (the
+    # reference), filled up to min_proxies with the most probable ones (so a class that no
+    # surrogate image is predicted as can still be removed) and capped at max_proxies (the
+    # synthesis below costs steps × proxies). Reference: min_proxies=0, max_proxies=None.
+    min_proxies: int = 128
+    max_proxies: int | None = 256
+    # Proxy synthesis (an extension; synth_steps=0 is the reference): starting from the
+    # proxies, Adam on the pixels makes the frozen original model predict their removed class
+    # with features close to that class's *stored* distribution (Mahalanobis, stats=stored).
+    # Why: forgetting raw surrogate proxies did not carry over to the real class on
+    # Fashion-MNIST (test-forget 15–70% after the proxies were forgotten); with 200 synthesis
+    # steps it did (classes 0, 3, 7: 2.8%, 0.2%, 1.7%; README, Known limitations). It reads no
+    # forget image, but the removed class's stored feature mean and covariance — a summary of
+    # the forget set recorded at training time; the data-access profile says so.
+    synth_steps: int = 200
+    synth_lr: float = 0.1
+    synth_beta: float = 1.0  # weight of the Mahalanobis term (0 = cross-entropy only)
+    # Stop once fewer than this fraction of the proxies is still predicted as its removed class
+    # (the CR threshold, as the reference).
+    proxy_target: float = 0.01
 
     def validate(self) -> None:
         super().validate()
+        check_range("min_proxies", self.min_proxies, 0)
+        if self.max_proxies is not None:
+            check_range("max_proxies", self.max_proxies, 1)
+        check_range("synth_steps", self.synth_steps, 0)
+        check_range("synth_lr", self.synth_lr, 0, low_inclusive=False)
+        check_range("synth_beta", self.synth_beta, 0)
+        check_range("proxy_target", self.proxy_target, 0, 1, low_inclusive=False)
         if self.stats == "retain":
             raise ConfigError(
                 "scar_self_forget cannot use stats='retain' (it sees no retain images); "
                 "allowed: 'stored', 'surrogate'."
             )
 
+    def access_note(self) -> str | None:
+        if self.synth_steps and self.synth_beta > 0 and self.stats == "stored":
+            return "stats: the removed classes' too (proxy synthesis)"
+        return None
+
     def prepare(self, teacher: FeatureModel, data: UnlearnData
                 ) -> tuple[ImageSet, ImageSet, float]:
-        preds, best, prob = removed_class_scores(teacher, data, self.batch_size)
+        preds, best, prob = removed_class_scores(teacher, data, EVAL_BATCH)
         hit, labels, rest = select_proxies(preds, best, prob, data.removed_classes,
-                                           self.min_proxies)
-        log.info("self-forget: %d of %d surrogate images are predicted as removed classes %s",
-                 len(hit), len(hit) + len(rest), list(data.removed_classes))
+                                           self.min_proxies, self.max_proxies)
+        log.info("self-forget: %d proxies of removed classes %s (%d surrogate images predicted "
+                 "as one)", len(hit), list(data.removed_classes),
+                 int(torch.isin(preds, torch.tensor(data.removed_classes)).sum()))
         if len(hit) < self.min_forget_images:
             raise MissingRequirementError(
-                f"only {len(hit)} surrogate images are predicted as the removed classes "
-                f"{list(data.removed_classes)} (need at least {self.min_forget_images} to play the "
-                "forget set); use a larger or closer surrogate set."
+                f"only {len(hit)} surrogate images can play the forget set of removed classes "
+                f"{list(data.removed_classes)} (those predicted as one, filled up to min_proxies="
+                f"{self.min_proxies}); need at least {self.min_forget_images}: use a larger or "
+                "closer surrogate set, or raise min_proxies."
             )
         if len(rest) == 0:
             raise MissingRequirementError(
@@ -98,6 +140,65 @@ class SCARSelfForget(SCAR):
                 "distillation."
             )
         forget = data.surrogate.subset(hit, labels)
+        if self.synth_steps:
+            forget = self.synthesize(teacher, forget, data)
         surrogate = data.surrogate.subset(rest)
-        # Same threshold as CR: < 1% of the surrogate-forget images still predicted as removed.
-        return forget, surrogate, 0.01
+        return forget, surrogate, self.proxy_target
+
+    def synthesize(self, teacher: FeatureModel, proxies: ImageSet, data: UnlearnData
+                   ) -> TensorImages:
+        """Proxies moved towards the removed classes (see ``synth_steps``); uint8 again."""
+        head = None
+        self.proxy_stats_ = False
+        if self.synth_beta > 0 and self.stats == "stored" and data.stats is not None:
+            have = set(data.stats.classes.tolist())
+            wanted = sorted(set(proxies.labels.tolist()))
+            if set(wanted) <= have:
+                head = self.build_head(data.stats.subset(wanted), data.device)
+                self.proxy_stats_ = True
+            else:
+                log.warning("self-forget: no stored statistics of removed classes %s; proxy "
+                            "synthesis uses the cross-entropy term only",
+                            sorted(set(wanted) - have))
+        out = []
+        loader = data.loader(proxies, SYNTH_BATCH, shuffle=False)
+        for b in loader:
+            out.append(synthesize_batch(teacher, b.x, b.y, data.input_spec, head,
+                                        steps=self.synth_steps, lr=self.synth_lr,
+                                        beta=self.synth_beta))
+        images = torch.cat(out).cpu()
+        labels = proxies.labels.clone()
+        with torch.no_grad():
+            hit = torch.cat([teacher.logits(normalize(images[i:i + 1024].to(data.device),
+                                                      data.input_spec)).argmax(1).cpu()
+                             for i in range(0, len(images), 1024)]) == labels
+        log.info("self-forget: %d synthesised proxies, %.1f%% predicted as their removed class",
+                 len(images), 100 * float(hit.float().mean()))
+        return TensorImages(images, labels)
+
+
+def _pixel_stats(spec: InputSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(spec.mean, device=device)[None, :, None, None]
+    std = torch.tensor(spec.std, device=device)[None, :, None, None]
+    return mean, std
+
+
+def synthesize_batch(teacher: FeatureModel, x: torch.Tensor, y: torch.Tensor, spec: InputSpec,
+                     head, *, steps: int, lr: float, beta: float) -> torch.Tensor:
+    """Optimise normalised images ``x`` (pixels kept in [0, 1] through a sigmoid) to minimise
+    CE(teacher(x), y) + beta · d_y(features(x)); returns uint8 images."""
+    mean, std = _pixel_stats(spec, x.device)
+    pixels = (x * std + mean).clamp(1e-3, 1 - 1e-3)
+    z = torch.logit(pixels).detach().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    for _ in range(steps):
+        xn = (torch.sigmoid(z) - mean) / std
+        feats, logits = teacher(xn)
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        if head is not None and beta > 0:
+            loss = loss + beta * head.distance_to(feats, y).mean()
+        (grad,) = torch.autograd.grad(loss, z)
+        opt.zero_grad(set_to_none=True)
+        z.grad = grad
+        opt.step()
+    return (torch.sigmoid(z.detach()) * 255).round().clamp(0, 255).to(torch.uint8)
