@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4. a full SCAR unlearning run (class 0)
     method = build_method("scar", epochs=cfg["scar_epochs"], batch_size=b,
-                          surrogate_steps=cfg["surrogate_steps"])
+                          surrogate_batch_size=b, surrogate_steps=cfg["surrogate_steps"])
     data = UnlearnData(input_spec=spec, num_classes=c, scenario="CR", removed_classes=(0,),
                        forget=splits.train_forget, surrogate=surrogate, stats=stats,
                        device=device, seed=0)
