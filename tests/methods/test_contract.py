@@ -175,8 +175,9 @@ def test_select_proxies_fills_up_with_the_most_probable_images():
     assert hit.tolist() == [0] and rest.tolist() == [1, 2, 3, 4, 5]  # the most probable one
 
 
-def test_proxy_synthesis_moves_proxies_to_the_removed_class(tiny_model, synth, cr_splits,
-                                                            tiny_surrogate, stats):
+@pytest.mark.parametrize("target", ["mean", "sample"])
+def test_proxy_synthesis_moves_proxies_to_the_removed_class(target, tiny_model, synth,
+                                                            cr_splits, tiny_surrogate, stats):
     noise = TensorImages(tiny_surrogate.images, torch.full((len(tiny_surrogate),), -1))
     data = make_data(synth, cr_splits, noise, stats)
     teacher = FeatureModel(tiny_model.eval())
@@ -190,11 +191,31 @@ def test_proxy_synthesis_moves_proxies_to_the_removed_class(tiny_model, synth, c
     forget, rest, _ = plain.prepare(teacher, data)
     assert len(forget) == 128 and len(rest) == len(noise) - 128
     assert plain.access_note() is None  # the reference reads no removed-class statistics
-    synth_ = build_method("scar_self_forget", min_proxies=128, max_proxies=None, synth_steps=40)
+    synth_ = build_method("scar_self_forget", min_proxies=128, max_proxies=None, synth_steps=40,
+                          synth_target=target)
     moved, _, _ = synth_.prepare(teacher, data)
     assert moved.images.dtype == torch.uint8 and moved.labels.tolist() == [1] * 128
     assert removed_rate(moved) > max(0.8, removed_rate(forget))
     assert synth_.proxy_stats_ and "removed classes" in access_profile(synth_)
+
+
+def test_sampled_synthesis_points_spread_like_the_class(tiny_model, synth, cr_splits, stats):
+    from scar.methods.self_forget import sample_points
+
+    head = build_method("scar").build_head(stats.subset([1]), torch.device("cpu"))
+    labels = torch.ones(2000, dtype=torch.long)
+    a = sample_points(stats, labels, head, torch.Generator().manual_seed(0))
+    b = sample_points(stats, labels, head, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and torch.allclose(a.norm(dim=1), torch.ones(2000))
+    # As far from the class-mean direction, on average, as the class's real embedded features.
+    data = make_data(synth, cr_splits, None, stats)  # cr_splits removes class 1
+    x = next(iter(data.loader("forget", 1024, shuffle=False))).x
+    with torch.no_grad():
+        real = head.embed(FeatureModel(tiny_model.eval())(x)[0])
+    mean_dir = head.means[0]
+    spread_real = (1 - real @ mean_dir).mean()
+    spread_sampled = (1 - a @ mean_dir).mean()
+    assert 0.5 < float(spread_sampled / spread_real) < 2.0
 
 
 def test_surrogate_statistics_group_by_prediction(tiny_model, synth, cr_splits, surrogate):

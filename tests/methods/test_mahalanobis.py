@@ -371,3 +371,20 @@ def test_grouped_distance_to_matches_full_matrix_values_and_gradients():
     (g1,) = torch.autograd.grad(grouped.sum(), f)
     (g2,) = torch.autograd.grad(full.sum(), f)
     torch.testing.assert_close(g1, g2)
+
+
+def test_distance_to_points_is_the_class_metric_between_sample_and_point():
+    stats = random_stats(3, 6, seed=1)
+    head = MahalanobisHead(stats).to(dtype=F64)
+    g = torch.Generator().manual_seed(2)
+    f = torch.rand(9, 6, generator=g, dtype=F64)
+    target = torch.tensor([0, 1, 2] * 3)
+    points = torch.nn.functional.normalize(torch.rand(9, 6, generator=g, dtype=F64), dim=-1)
+    p = precision_matrices(stats.covs[stats.classes], 3.0, 3.0, 2)
+    u = head.embed(f)
+    slow = torch.stack([(u[i] - points[i]) @ p[target[i]] @ (u[i] - points[i])
+                        for i in range(9)])
+    torch.testing.assert_close(head.distance_to(f, target, points), slow)
+    # A point at the class mean gives the plain distance to the class.
+    at_mean = head.means[head.positions(target)]
+    torch.testing.assert_close(head.distance_to(f, target, at_mean), head.distance_to(f, target))

@@ -504,8 +504,13 @@ class MahalanobisHead(nn.Module):
             )
         return pos
 
-    def distance_to(self, features: Tensor, target_class_ids: Tensor) -> Tensor:
-        """``[B]``: distance of each sample to its own target class (differentiable)."""
+    def distance_to(self, features: Tensor, target_class_ids: Tensor,
+                    points: Tensor | None = None) -> Tensor:
+        """``[B]``: distance of each sample to its own target class (differentiable).
+
+        With ``points`` ([B, d], in the embedded space of :meth:`embed`), the distance of each
+        sample to its own point instead of the class mean, in its target class's metric.
+        """
         target = torch.as_tensor(target_class_ids).reshape(-1)
         if target.numel() != features.shape[0]:
             raise ConfigError(
@@ -514,6 +519,9 @@ class MahalanobisHead(nn.Module):
             )
         pos = self.positions(target).to(features.device)
         u = self.embed(features)
+        if points is not None:
+            # (u − p)ᵀ P_c (u − p) = ‖W_cᵀu − W_cᵀp‖²: shift u by p − m_c and reuse W_cᵀm_c.
+            u = u - points.to(device=u.device, dtype=u.dtype) + self.means[pos].to(u.dtype)
         w = self.factors.to(device=u.device, dtype=u.dtype)  # [K, d, r]
         pm = self.proj_means.to(device=u.device, dtype=u.dtype)  # [K, r]
         # Only each sample's own target: group the batch by target class, so the cost is

@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from scar.data.base import ImageSet, InputSpec, TensorImages, normalize
-from scar.errors import ConfigError, MissingRequirementError, check_range
+from scar.errors import ConfigError, MissingRequirementError, check_choice, check_range
 from scar.methods.base import EVAL_BATCH, UnlearnData, register
 from scar.methods.scar_method import SCAR
 from scar.models.adapter import FeatureModel
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 #: Images optimised together by the proxy synthesis.
 SYNTH_BATCH = 256
+SYNTH_TARGETS = ("mean", "sample")
 
 
 @torch.no_grad()
@@ -95,6 +96,10 @@ class SCARSelfForget(SCAR):
     synth_steps: int = 200
     synth_lr: float = 0.1
     synth_beta: float = 1.0  # weight of the Mahalanobis term (0 = cross-entropy only)
+    # What the proxies' features are pulled to: "mean" — the class mean (every proxy becomes
+    # a prototype); "sample" — one point per proxy drawn from the class's stored Gaussian, so
+    # the proxies spread like the class's real features.
+    synth_target: str = "mean"
     # Stop once fewer than this fraction of the proxies is still predicted as its removed class
     # (the CR threshold, as the reference).
     proxy_target: float = 0.01
@@ -107,6 +112,7 @@ class SCARSelfForget(SCAR):
         check_range("synth_steps", self.synth_steps, 0)
         check_range("synth_lr", self.synth_lr, 0, low_inclusive=False)
         check_range("synth_beta", self.synth_beta, 0)
+        check_choice("synth_target", self.synth_target, SYNTH_TARGETS)
         check_range("proxy_target", self.proxy_target, 0, 1, low_inclusive=False)
         if self.stats == "retain":
             raise ConfigError(
@@ -160,12 +166,17 @@ class SCARSelfForget(SCAR):
                 log.warning("self-forget: no stored statistics of removed classes %s; proxy "
                             "synthesis uses the cross-entropy term only",
                             sorted(set(wanted) - have))
+        points = None
+        if head is not None and self.synth_target == "sample":
+            g = torch.Generator().manual_seed(data.seed)
+            points = sample_points(data.stats, proxies.labels, head, g).to(data.device)
         out = []
         loader = data.loader(proxies, SYNTH_BATCH, shuffle=False)
         for b in loader:
             out.append(synthesize_batch(teacher, b.x, b.y, data.input_spec, head,
                                         steps=self.synth_steps, lr=self.synth_lr,
-                                        beta=self.synth_beta))
+                                        beta=self.synth_beta,
+                                        points=None if points is None else points[b.idx]))
         images = torch.cat(out).cpu()
         labels = proxies.labels.clone()
         with torch.no_grad():
@@ -183,10 +194,27 @@ def _pixel_stats(spec: InputSpec, device: torch.device) -> tuple[torch.Tensor, t
     return mean, std
 
 
+def sample_points(stats, labels: torch.Tensor, head, g: torch.Generator) -> torch.Tensor:
+    """One point per label, drawn from the class's stored Gaussian N(μ_c, Σ_c) in Tukey space
+    and embedded like features (L2-normalised): targets that spread like the class."""
+    out = torch.empty(len(labels), stats.dim, dtype=torch.float64)
+    for c in torch.unique(labels).tolist():
+        rows = (labels == c).nonzero().squeeze(1)
+        cov = stats.covs[c].to(torch.float64)
+        # A small ridge keeps the Cholesky factor defined for a rank-deficient covariance.
+        ridge = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12))
+        chol = torch.linalg.cholesky(cov + ridge * torch.eye(stats.dim, dtype=cov.dtype))
+        z = torch.randn(len(rows), stats.dim, generator=g, dtype=torch.float64)
+        out[rows] = stats.means[c].to(torch.float64) + z @ chol.T
+    return torch.nn.functional.normalize(out, dim=-1).to(head.means.dtype)
+
+
 def synthesize_batch(teacher: FeatureModel, x: torch.Tensor, y: torch.Tensor, spec: InputSpec,
-                     head, *, steps: int, lr: float, beta: float) -> torch.Tensor:
+                     head, *, steps: int, lr: float, beta: float,
+                     points: torch.Tensor | None = None) -> torch.Tensor:
     """Optimise normalised images ``x`` (pixels kept in [0, 1] through a sigmoid) to minimise
-    CE(teacher(x), y) + beta · d_y(features(x)); returns uint8 images."""
+    CE(teacher(x), y) + beta · d_y(features(x)) — the distance to the class mean, or with
+    ``points`` to each image's own point; returns uint8 images."""
     mean, std = _pixel_stats(spec, x.device)
     pixels = (x * std + mean).clamp(1e-3, 1 - 1e-3)
     z = torch.logit(pixels).detach().requires_grad_(True)
@@ -196,7 +224,7 @@ def synthesize_batch(teacher: FeatureModel, x: torch.Tensor, y: torch.Tensor, sp
         feats, logits = teacher(xn)
         loss = torch.nn.functional.cross_entropy(logits, y)
         if head is not None and beta > 0:
-            loss = loss + beta * head.distance_to(feats, y).mean()
+            loss = loss + beta * head.distance_to(feats, y, points).mean()
         (grad,) = torch.autograd.grad(loss, z)
         opt.zero_grad(set_to_none=True)
         z.grad = grad
