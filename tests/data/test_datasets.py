@@ -287,3 +287,18 @@ def test_synthetic_is_learnable():
 def test_synthetic_option_validation():
     with pytest.raises(ConfigError, match="num_classes"):
         load_dataset("synthetic", num_classes=1)
+
+
+def test_concat_images_load_across_parts_and_refuse_mixed_shapes():
+    from scar.data.base import ConcatImages, TensorImages
+
+    a = TensorImages(torch.zeros(3, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 2]))
+    b = TensorImages(torch.full((2, 1, 4, 4), 7, dtype=torch.uint8), torch.tensor([5, 6]))
+    both = ConcatImages([a, b])
+    assert len(both) == 5 and both.labels.tolist() == [0, 1, 2, 5, 6]
+    got = both.load(torch.tensor([4, 0, 3, 2]))
+    assert got[:, 0, 0, 0].tolist() == [7, 0, 7, 0]
+    assert both.subset([3], torch.tensor([9])).labels.tolist() == [9]
+    odd = TensorImages(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.tensor([0]))
+    with pytest.raises(ConfigError, match="one shape"):
+        ConcatImages([a, odd])

@@ -200,7 +200,7 @@ def test_proxy_synthesis_moves_proxies_to_the_removed_class(target, tiny_model, 
 
 
 def test_sampled_synthesis_points_spread_like_the_class(tiny_model, synth, cr_splits, stats):
-    from scar.methods.self_forget import sample_points
+    from scar.methods.synthesis import sample_points
 
     head = build_method("scar").build_head(stats.subset([1]), torch.device("cpu"))
     labels = torch.ones(2000, dtype=torch.long)
@@ -240,3 +240,71 @@ def test_self_forget_reads_no_forget_and_no_retain_image(tiny_model, synth, cr_s
     method = build_method("scar_self_forget", **fast("scar_self_forget"))
     method.unlearn(tiny_model, data)
     assert method.access_["forget"] == 0 and method.access_["retain"] == 0
+
+
+def test_surrogate_cover_adds_images_of_every_kept_class(tiny_model, synth, cr_splits,
+                                                         tiny_surrogate, stats):
+    from scar.methods.synthesis import most_probable_per_class, predicted_as_label
+
+    noise = TensorImages(tiny_surrogate.images, torch.full((len(tiny_surrogate),), -1))
+    data = make_data(synth, cr_splits, noise, stats)
+    teacher = FeatureModel(tiny_model.eval())
+    method = build_method("scar", cover_per_class=16, cover_steps=30)
+    head = method.build_head(method.class_stats(teacher, data), data.device)
+    kept = head.class_ids.tolist()
+    assert 1 not in kept  # cr_splits removes class 1: it gets no cover
+    covered = method.cover(teacher, head, noise, data)
+    assert len(covered) == len(noise) + 16 * len(kept) == len(noise) + method.cover_images_
+    extra = covered.subset(torch.arange(len(noise), len(covered))).materialize()
+    assert extra.labels.tolist() == [c for c in kept for _ in range(16)]
+    assert torch.equal(covered.load(torch.arange(3)), noise.images[:3])
+    # Against the seeds (the noise images most probable for each class): predicted as their
+    # class, with features closer to it under the Mahalanobis head.
+    sidx, slabels = most_probable_per_class(teacher, data, noise, kept, 16, 1024)
+    seeds = noise.subset(sidx, slabels).materialize()
+
+    def distance(images):
+        x = next(iter(data.loader(images, 1024, shuffle=False))).x
+        with torch.no_grad():
+            return float(head.distance_to(teacher(x)[0], images.labels).mean())
+
+    assert predicted_as_label(teacher, extra, data.input_spec, data.device).float().mean() > 0.8
+    assert distance(extra) < 0.8 * distance(seeds)
+
+
+def test_surrogate_cover_run_reads_no_retain_image(tiny_model, synth, cr_splits, surrogate,
+                                                  stats):
+    class Exploding(TensorImages):
+        def load(self, idx):
+            raise AssertionError("a retain image was read")
+
+    retain = Exploding(cr_splits.train_retain.images, cr_splits.train_retain.labels)
+    data = make_data(synth, cr_splits, surrogate, stats, retain=retain)
+    method = build_method("scar", **fast("scar"), cover_per_class=8, cover_steps=5)
+    method.unlearn(tiny_model, data)
+    assert method.cover_images_ == 8 * (synth.info.num_classes - 1)
+    assert method.access_.get("retain", 0) == 0
+    assert "retain-free: yes" in access_profile(method, method.access_)
+
+
+def test_uncovered_kept_classes_are_named_in_a_warning(synth, cr_splits, stats, caplog):
+    from scar.methods.scar_method import warn_uncovered
+
+    data = make_data(synth, cr_splits, None, stats)  # class 1 removed
+    c = synth.info.num_classes
+    pred = torch.tensor([0] * 500 + [1] * 400 + list(range(2, c)) * 2)  # classes ≥ 2: tiny share
+    with caplog.at_level("WARNING", logger="scar.methods.scar_method"):
+        low = warn_uncovered(pred, data, cover_per_class=0)
+    assert low == list(range(2, c))
+    assert "cover_per_class" in caplog.text and str(low) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="scar.methods.scar_method"):
+        assert warn_uncovered(pred, data, cover_per_class=16) == low
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("key,value", [("cover_per_class", -1), ("cover_steps", -1),
+                                       ("cover_lr", 0)])
+def test_bad_cover_settings_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key):
+        build_method("scar", **{key: value})

@@ -55,9 +55,11 @@ class ImageSet:
     def load(self, idx: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def subset(self, idx: torch.Tensor | Sequence[int]) -> ImageSet:
+    def subset(self, idx: torch.Tensor | Sequence[int],
+               labels: torch.Tensor | None = None) -> ImageSet:
+        """A view of the images at ``idx``; ``labels`` relabels it."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return SubsetImages(self, idx)
+        return SubsetImages(self, idx, labels)
 
     def materialize(self) -> TensorImages:
         """Decode everything into one in-memory :class:`TensorImages` (used for small sets)."""
@@ -89,9 +91,10 @@ class TensorImages(ImageSet):
     def load(self, idx: torch.Tensor) -> torch.Tensor:
         return self.images[idx]
 
-    def subset(self, idx: torch.Tensor | Sequence[int]) -> TensorImages:
+    def subset(self, idx: torch.Tensor | Sequence[int],
+               labels: torch.Tensor | None = None) -> TensorImages:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return TensorImages(self.images[idx], self.labels[idx])
+        return TensorImages(self.images[idx], self.labels[idx] if labels is None else labels)
 
     def materialize(self) -> TensorImages:
         return self
@@ -110,6 +113,31 @@ class SubsetImages(ImageSet):
 
     def load(self, idx: torch.Tensor) -> torch.Tensor:
         return self.parent.load(self.idx[idx])
+
+
+class ConcatImages(ImageSet):
+    """Several image sets of one shape, one after the other (indices run through them in order)."""
+
+    def __init__(self, parts: Sequence[ImageSet]):
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ConfigError("ConcatImages needs at least one non-empty image set.")
+        shapes = {(p.channels, p.size) for p in parts}
+        if len(shapes) != 1:
+            raise ConfigError(f"ConcatImages needs image sets of one shape; got {sorted(shapes)}.")
+        self.parts = list(parts)
+        self.labels = torch.cat([p.labels for p in self.parts])
+        self.channels, self.size = shapes.pop()
+        self.starts = torch.tensor([0] + [len(p) for p in self.parts]).cumsum(0)
+
+    def load(self, idx: torch.Tensor) -> torch.Tensor:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        part = torch.bucketize(idx, self.starts[1:], right=True)
+        out = torch.empty((len(idx), self.channels, self.size, self.size), dtype=torch.uint8)
+        for k in torch.unique(part).tolist():
+            rows = (part == k).nonzero().squeeze(1)
+            out[rows] = self.parts[k].load(idx[rows] - self.starts[k])
+        return out
 
 
 @dataclass(frozen=True)

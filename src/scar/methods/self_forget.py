@@ -15,16 +15,15 @@ from typing import ClassVar
 
 import torch
 
-from scar.data.base import ImageSet, InputSpec, TensorImages, normalize
+from scar.data.base import ImageSet, TensorImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice, check_range
 from scar.methods.base import EVAL_BATCH, UnlearnData, register
 from scar.methods.scar_method import SCAR
+from scar.methods.synthesis import predicted_as_label, sample_points, synthesize
 from scar.models.adapter import FeatureModel
 
 log = logging.getLogger(__name__)
 
-#: Images optimised together by the proxy synthesis.
-SYNTH_BATCH = 256
 SYNTH_TARGETS = ("mean", "sample")
 
 
@@ -170,63 +169,9 @@ class SCARSelfForget(SCAR):
         if head is not None and self.synth_target == "sample":
             g = torch.Generator().manual_seed(data.seed)
             points = sample_points(data.stats, proxies.labels, head, g).to(data.device)
-        out = []
-        loader = data.loader(proxies, SYNTH_BATCH, shuffle=False)
-        for b in loader:
-            out.append(synthesize_batch(teacher, b.x, b.y, data.input_spec, head,
-                                        steps=self.synth_steps, lr=self.synth_lr,
-                                        beta=self.synth_beta,
-                                        points=None if points is None else points[b.idx]))
-        images = torch.cat(out).cpu()
-        labels = proxies.labels.clone()
-        with torch.no_grad():
-            hit = torch.cat([teacher.logits(normalize(images[i:i + 1024].to(data.device),
-                                                      data.input_spec)).argmax(1).cpu()
-                             for i in range(0, len(images), 1024)]) == labels
+        images = synthesize(teacher, proxies, data, head, steps=self.synth_steps,
+                            lr=self.synth_lr, beta=self.synth_beta, points=points)
+        hit = predicted_as_label(teacher, images, data.input_spec, data.device)
         log.info("self-forget: %d synthesised proxies, %.1f%% predicted as their removed class",
                  len(images), 100 * float(hit.float().mean()))
-        return TensorImages(images, labels)
-
-
-def _pixel_stats(spec: InputSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = torch.tensor(spec.mean, device=device)[None, :, None, None]
-    std = torch.tensor(spec.std, device=device)[None, :, None, None]
-    return mean, std
-
-
-def sample_points(stats, labels: torch.Tensor, head, g: torch.Generator) -> torch.Tensor:
-    """One point per label, drawn from the class's stored Gaussian N(μ_c, Σ_c) in Tukey space
-    and embedded like features (L2-normalised): targets that spread like the class."""
-    out = torch.empty(len(labels), stats.dim, dtype=torch.float64)
-    for c in torch.unique(labels).tolist():
-        rows = (labels == c).nonzero().squeeze(1)
-        cov = stats.covs[c].to(torch.float64)
-        # A small ridge keeps the Cholesky factor defined for a rank-deficient covariance.
-        ridge = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12))
-        chol = torch.linalg.cholesky(cov + ridge * torch.eye(stats.dim, dtype=cov.dtype))
-        z = torch.randn(len(rows), stats.dim, generator=g, dtype=torch.float64)
-        out[rows] = stats.means[c].to(torch.float64) + z @ chol.T
-    return torch.nn.functional.normalize(out, dim=-1).to(head.means.dtype)
-
-
-def synthesize_batch(teacher: FeatureModel, x: torch.Tensor, y: torch.Tensor, spec: InputSpec,
-                     head, *, steps: int, lr: float, beta: float,
-                     points: torch.Tensor | None = None) -> torch.Tensor:
-    """Optimise normalised images ``x`` (pixels kept in [0, 1] through a sigmoid) to minimise
-    CE(teacher(x), y) + beta · d_y(features(x)) — the distance to the class mean, or with
-    ``points`` to each image's own point; returns uint8 images."""
-    mean, std = _pixel_stats(spec, x.device)
-    pixels = (x * std + mean).clamp(1e-3, 1 - 1e-3)
-    z = torch.logit(pixels).detach().requires_grad_(True)
-    opt = torch.optim.Adam([z], lr=lr)
-    for _ in range(steps):
-        xn = (torch.sigmoid(z) - mean) / std
-        feats, logits = teacher(xn)
-        loss = torch.nn.functional.cross_entropy(logits, y)
-        if head is not None and beta > 0:
-            loss = loss + beta * head.distance_to(feats, y, points).mean()
-        (grad,) = torch.autograd.grad(loss, z)
-        opt.zero_grad(set_to_none=True)
-        z.grad = grad
-        opt.step()
-    return (torch.sigmoid(z.detach()) * 255).round().clamp(0, 255).to(torch.uint8)
+        return images
