@@ -302,7 +302,8 @@ class SCAR(Method):
         idx, labels = most_probable_per_class(teacher, data, surrogate, classes,
                                               self.cover_per_class, EVAL_BATCH)
         images = synthesize(teacher, surrogate.subset(idx, labels), data, head,
-                            steps=self.cover_steps, lr=self.cover_lr, beta=1.0)
+                            steps=self.cover_steps, lr=self.cover_lr, beta=1.0,
+                            desc=f"{self.name}: surrogate cover")
         hit = predicted_as_label(teacher, images, data.input_spec, data.device)
         log.info("%s: surrogate cover of %d images for classes %s, %.1f%% predicted as their "
                  "class", self.name, len(images), classes, 100 * float(hit.float().mean()))

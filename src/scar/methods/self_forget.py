@@ -170,7 +170,8 @@ class SCARSelfForget(SCAR):
             g = torch.Generator().manual_seed(data.seed)
             points = sample_points(data.stats, proxies.labels, head, g).to(data.device)
         images = synthesize(teacher, proxies, data, head, steps=self.synth_steps,
-                            lr=self.synth_lr, beta=self.synth_beta, points=points)
+                            lr=self.synth_lr, beta=self.synth_beta, points=points,
+                            desc=f"{self.name}: proxy synthesis")
         hit = predicted_as_label(teacher, images, data.input_spec, data.device)
         log.info("self-forget: %d synthesised proxies, %.1f%% predicted as their removed class",
                  len(images), 100 * float(hit.float().mean()))

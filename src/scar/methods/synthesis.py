@@ -13,6 +13,7 @@ SCAR Mahalanobis head. Two uses:
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from scar.data.base import ImageSet, InputSpec, TensorImages, normalize
 from scar.models.adapter import FeatureModel
@@ -44,7 +45,7 @@ def sample_points(stats, labels: torch.Tensor, head, g: torch.Generator) -> torc
 
 def synthesize_batch(teacher: FeatureModel, x: torch.Tensor, y: torch.Tensor, spec: InputSpec,
                      head, *, steps: int, lr: float, beta: float,
-                     points: torch.Tensor | None = None) -> torch.Tensor:
+                     points: torch.Tensor | None = None, on_step=None) -> torch.Tensor:
     """Optimise normalised images ``x`` (pixels kept in [0, 1] through a sigmoid) to minimise
     CE(teacher(x), y) + beta · d_y(features(x)) — the distance to the class mean, or with
     ``points`` to each image's own point; returns uint8 images."""
@@ -62,18 +63,26 @@ def synthesize_batch(teacher: FeatureModel, x: torch.Tensor, y: torch.Tensor, sp
         opt.zero_grad(set_to_none=True)
         z.grad = grad
         opt.step()
+        if on_step is not None:
+            on_step()
     return (torch.sigmoid(z.detach()) * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def synthesize(teacher: FeatureModel, seeds: ImageSet, data, head, *, steps: int, lr: float,
-               beta: float, points: torch.Tensor | None = None) -> TensorImages:
+               beta: float, points: torch.Tensor | None = None, desc: str = "synthesis"
+               ) -> TensorImages:
     """:func:`synthesize_batch` over ``seeds`` (labelled with their target classes), batch by
-    batch on the data's device; returns the synthesised images with the same labels."""
+    batch on the data's device, with a progress bar; returns the synthesised images with the
+    same labels."""
     out = []
-    for b in data.loader(seeds, SYNTH_BATCH, shuffle=False):
-        out.append(synthesize_batch(teacher, b.x, b.y, data.input_spec, head, steps=steps,
-                                    lr=lr, beta=beta,
-                                    points=None if points is None else points[b.idx]))
+    loader = data.loader(seeds, SYNTH_BATCH, shuffle=False)
+    with tqdm(total=steps * len(loader), desc=desc, disable=not data.progress,
+              dynamic_ncols=True, leave=False) as bar:
+        for b in loader:
+            out.append(synthesize_batch(teacher, b.x, b.y, data.input_spec, head, steps=steps,
+                                        lr=lr, beta=beta,
+                                        points=None if points is None else points[b.idx],
+                                        on_step=bar.update))
     return TensorImages(torch.cat(out).cpu(), seeds.labels.clone())
 
 
