@@ -51,6 +51,17 @@ def fast(name: str) -> dict:
     return dict(FAST.get(name, {}))
 
 
+class Exploding(TensorImages):
+    """Images that must not be read: loading any of them fails the test."""
+
+    def load(self, idx):
+        raise AssertionError("an image the method must not read was read")
+
+
+def exploding(images: TensorImages) -> Exploding:
+    return Exploding(images.images, images.labels)
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_does_not_mutate_input_and_is_deterministic(name, tiny_model, synth, cr_splits,
                                                     surrogate, stats):
@@ -97,18 +108,17 @@ def test_bad_hyperparameters_are_refused(name):
         build_method(name, **{numeric[0]: -1})
 
 
-def test_stored_statistics_read_no_retain_image(tiny_model, synth, cr_splits, surrogate, stats):
-    class Exploding(TensorImages):
-        def load(self, idx):
-            raise AssertionError("a retain image was read")
-
-    retain = Exploding(cr_splits.train_retain.images, cr_splits.train_retain.labels)
-    data = make_data(synth, cr_splits, surrogate, stats, retain=retain)
-    method = build_method("scar", **fast("scar"), stats="stored")
+@pytest.mark.parametrize("extra", [{}, {"cover_per_class": 8, "cover_steps": 5}],
+                         ids=["plain", "cover"])
+def test_stored_statistics_read_no_retain_image(extra, tiny_model, synth, cr_splits, surrogate,
+                                                stats):
+    data = make_data(synth, cr_splits, surrogate, stats, retain=exploding(cr_splits.train_retain))
+    method = build_method("scar", **fast("scar"), stats="stored", **extra)
     method.unlearn(tiny_model, data)
     assert method.access_.get("retain", 0) == 0
     assert method.access_["forget"] > 0 and method.access_["surrogate"] > 0
     assert "retain-free: yes" in access_profile(method, method.access_)
+    assert method.cover_images_ == extra.get("cover_per_class", 0) * (synth.info.num_classes - 1)
 
 
 def test_retain_statistics_are_reported_as_retain_access(tiny_model, synth, cr_splits,
@@ -230,13 +240,8 @@ def test_surrogate_statistics_group_by_prediction(tiny_model, synth, cr_splits, 
 
 def test_self_forget_reads_no_forget_and_no_retain_image(tiny_model, synth, cr_splits, surrogate,
                                                          stats):
-    class Exploding(TensorImages):
-        def load(self, idx):
-            raise AssertionError("a forget or retain image was read")
-
-    forget = Exploding(cr_splits.train_forget.images, cr_splits.train_forget.labels)
-    retain = Exploding(cr_splits.train_retain.images, cr_splits.train_retain.labels)
-    data = make_data(synth, cr_splits, surrogate, stats, forget=forget, retain=retain)
+    data = make_data(synth, cr_splits, surrogate, stats, forget=exploding(cr_splits.train_forget),
+                     retain=exploding(cr_splits.train_retain))
     method = build_method("scar_self_forget", **fast("scar_self_forget"))
     method.unlearn(tiny_model, data)
     assert method.access_["forget"] == 0 and method.access_["retain"] == 0
@@ -270,21 +275,6 @@ def test_surrogate_cover_adds_images_of_every_kept_class(tiny_model, synth, cr_s
 
     assert predicted_as_label(teacher, extra, data.input_spec, data.device).float().mean() > 0.8
     assert distance(extra) < 0.8 * distance(seeds)
-
-
-def test_surrogate_cover_run_reads_no_retain_image(tiny_model, synth, cr_splits, surrogate,
-                                                  stats):
-    class Exploding(TensorImages):
-        def load(self, idx):
-            raise AssertionError("a retain image was read")
-
-    retain = Exploding(cr_splits.train_retain.images, cr_splits.train_retain.labels)
-    data = make_data(synth, cr_splits, surrogate, stats, retain=retain)
-    method = build_method("scar", **fast("scar"), cover_per_class=8, cover_steps=5)
-    method.unlearn(tiny_model, data)
-    assert method.cover_images_ == 8 * (synth.info.num_classes - 1)
-    assert method.access_.get("retain", 0) == 0
-    assert "retain-free: yes" in access_profile(method, method.access_)
 
 
 def test_uncovered_kept_classes_are_named_in_a_warning(synth, cr_splits, stats, caplog):
