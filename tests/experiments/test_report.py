@@ -201,6 +201,16 @@ def test_swept_hyperparameters_get_their_own_rows(tmp_path):
     assert names == ["original", "retrain", "scar [lambda_2=unset]", "scar [lambda_2=5]"]
 
 
+def test_label_offsets_move_only_labels_that_would_overlap():
+    # scar and duck at nearly the same (time, AUS); retrain and NG far away (the CR grid).
+    names = ["scar", "duck", "retrain", "negative_gradient"]
+    xs, ys = [5.87, 5.83, 137.0, 0.81], [0.984, 0.987, 1.005, 0.876]
+    offsets = plots.label_offsets(xs, ys, names, log_x=True)
+    assert offsets[0] == offsets[2] == offsets[3] == (6.0, 6.0)
+    assert offsets[1] != (6.0, 6.0)  # duck's label moved off scar's
+    assert plots.label_offsets([1.0], [1.0], ["a"]) == [(6.0, 6.0)]  # one point: no range
+
+
 def test_plots_skip_without_data(tmp_path):
     assert plots.plot_aus_vs_time([], tmp_path / "a.png") is None
     assert plots.plot_forget_vs_retain([], tmp_path / "b.png") is None

@@ -93,6 +93,46 @@ def _skip(what: str, why: str) -> None:
     log.info("skipping %s plot: %s", what, why)
 
 
+# ---------------------------------------------------------------- label placement
+def _unit(values: Sequence[float], log: bool = False) -> list[float]:
+    v = [math.log10(x) if log else x for x in values]
+    lo, hi = min(v), max(v)
+    return [(x - lo) / (hi - lo) if hi > lo else 0.5 for x in v]
+
+
+#: Rough size of the plot area and of an 8-point label, in points (for label placement).
+_AREA_PT = (470.0, 350.0)
+_CHAR_PT, _LINE_PT = 5.0, 9.0
+_DYS = (6, -5, 17, -16, 28, -27)
+
+
+def label_offsets(xs: Sequence[float], ys: Sequence[float], names: Sequence[str], *,
+                  log_x: bool = False) -> list[tuple[float, float]]:
+    """Text offsets (points) for point labels, placed one by one: the first of a few positions
+    right of the point (then left of it) whose approximate text box overlaps no label placed
+    before, so that labels of nearby points do not print over each other."""
+    ux, uy = _unit(xs, log_x), _unit(ys)
+    px, py = 1 / _AREA_PT[0], 1 / _AREA_PT[1]
+    placed: list[tuple[float, float, float, float]] = []
+    out: list[tuple[float, float]] = []
+    for x, y, name in zip(ux, uy, names):
+        width = _CHAR_PT * len(name)
+        candidates = [(6.0, dy) for dy in _DYS] + [(-6.0 - width, dy) for dy in _DYS]
+        chosen, box = candidates[0], None
+        for dx, dy in candidates:
+            b = (x + dx * px, y + dy * py, x + (dx + width) * px, y + (dy + _LINE_PT) * py)
+            if not any(b[0] < q[2] and q[0] < b[2] and b[1] < q[3] and q[1] < b[3]
+                       for q in placed):
+                chosen, box = (dx, float(dy)), b
+                break
+        if box is None:  # crowded everywhere: default place
+            dx, dy = chosen
+            box = (x + dx * px, y + dy * py, x + (dx + width) * px, y + (dy + _LINE_PT) * py)
+        placed.append(box)
+        out.append(chosen)
+    return out
+
+
 # ---------------------------------------------------------------- AUS vs time
 def _aus_time_points(groups: Sequence[GroupSummary]) -> list[tuple[GroupSummary, float, float]]:
     points = []
@@ -113,6 +153,8 @@ def plot_aus_vs_time(groups: Sequence[GroupSummary], path: str | Path) -> Path |
         return None
     fig = _figure()
     ax = fig.add_subplot()
+    offsets = label_offsets([t for _, t, _ in points], [g.aus_per_run.mean for g, _, _ in points],
+                            [g.method for g, _, _ in points], log_x=True)
     for i, (g, t, t_std) in enumerate(points):
         marker, size = _marker(g.method)
         # Log axis: keep the lower error bar above zero.
@@ -128,7 +170,8 @@ def plot_aus_vs_time(groups: Sequence[GroupSummary], path: str | Path) -> Path |
             capsize=3,
         )
         ax.annotate(
-            g.method, (t, g.aus_per_run.mean), textcoords="offset points", xytext=(6, 6), fontsize=8
+            g.method, (t, g.aus_per_run.mean), textcoords="offset points", xytext=offsets[i],
+            fontsize=8
         )
     ax.set_xscale("log")
     ax.set_xlabel("unlearning time (s, log scale)")
@@ -163,6 +206,8 @@ def plot_forget_vs_retain(groups: Sequence[GroupSummary], path: str | Path) -> P
     scenarios = sorted({g.scenario for g, _ in points})
     fig = _figure()
     ax = fig.add_subplot()
+    offsets = label_offsets([a_t.mean for _, (a_t, _) in points],
+                            [a_f.mean for _, (_, a_f) in points], [g.method for g, _ in points])
     for i, (g, (a_t, a_f)) in enumerate(points):
         marker, size = _marker(g.method)
         ax.errorbar(
@@ -180,7 +225,7 @@ def plot_forget_vs_retain(groups: Sequence[GroupSummary], path: str | Path) -> P
             g.method,
             (100 * a_t.mean, 100 * a_f.mean),
             textcoords="offset points",
-            xytext=(6, 6),
+            xytext=offsets[i],
             fontsize=8,
         )
     single = scenarios[0] if len(scenarios) == 1 else None
