@@ -277,19 +277,27 @@ def test_surrogate_cover_adds_images_of_every_kept_class(tiny_model, synth, cr_s
     assert distance(extra) < 0.8 * distance(seeds)
 
 
-def test_uncovered_kept_classes_are_named_in_a_warning(synth, cr_splits, stats, caplog):
+def test_uncovered_kept_classes_are_named_in_a_warning_when_lopsided(synth, cr_splits, stats,
+                                                                      caplog):
     from scar.methods.scar_method import warn_uncovered
 
     data = make_data(synth, cr_splits, None, stats)  # class 1 removed
     c = synth.info.num_classes
-    pred = torch.tensor([0] * 500 + [1] * 400 + list(range(2, c)) * 2)  # classes ≥ 2: tiny share
-    with caplog.at_level("WARNING", logger="scar.methods.scar_method"):
-        low = warn_uncovered(pred, data, cover_per_class=0)
+    lopsided = torch.tensor([0] * 500 + [1] * 400 + list(range(2, c)) * 2)  # classes ≥ 2 thin
+    with caplog.at_level("INFO", logger="scar.methods.scar_method"):
+        low = warn_uncovered(lopsided, data, cover_per_class=0)
     assert low == list(range(2, c))
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "cover_per_class" in caplog.text and str(low) in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="scar.methods.scar_method"):
-        assert warn_uncovered(pred, data, cover_per_class=16) == low
+    # One thin class among several well-covered ones: named, but only as information.
+    spread = torch.tensor([k for k in range(c) if k != 2 for _ in range(100)] + [2])
+    with caplog.at_level("INFO", logger="scar.methods.scar_method"):
+        assert warn_uncovered(spread, data, cover_per_class=0) == [2]
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="scar.methods.scar_method"):
+        assert warn_uncovered(lopsided, data, cover_per_class=16) == low
     assert caplog.text == ""
 
 
