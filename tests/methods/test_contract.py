@@ -161,6 +161,43 @@ def test_scar_auto_stop_checks_after_the_step_that_nears_the_target(
         assert calls[-1] == method.steps_
 
 
+def test_pooled_accuracy_counts_images_over_the_window():
+    from scar.methods.scar_method import PooledAccuracy
+
+    pooled = PooledAccuracy(2)
+    steps = [[1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0]]
+    got = [pooled.add(torch.tensor(s, dtype=torch.bool)) for s in steps]
+    assert got == [0.5, 8 / 10, 6 / 8]  # images pooled, not batch means; the oldest step drops
+    single = PooledAccuracy(1)
+    assert [single.add(torch.tensor(s, dtype=torch.bool)) for s in steps] == [0.5, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_scar_hr_checks_follow_the_pooled_batch_accuracy(window, tiny_model, synth, hr_splits,
+                                                         surrogate, stats, monkeypatch):
+    """In HR a stopping check follows the forget-batch accuracy pooled over the last
+    stop_window forget batches (default 1: the step's own batch)."""
+    from scar.methods.scar_method import SCAR
+
+    calls: list[int] = []
+    confirm = SCAR.confirm_stop
+
+    def spy(self, *args):
+        calls.append(len(self.history_))
+        return confirm(self, *args)
+
+    monkeypatch.setattr(SCAR, "confirm_stop", spy)
+    method = build_method("scar", epochs=12, batch_size=8, surrogate_steps=1, lr=1e-2,
+                          lambda_1=10.0, stop_window=window)
+    data = make_data(synth, hr_splits, surrogate, stats, scenario="HR")
+    method.unlearn(tiny_model, data)
+    hist = method.history_
+    assert all(0 <= r["window_forget_acc"] <= 1 for r in hist)
+    target = data.original_test_acc
+    assert calls == [r["step"] for r in hist if r["window_forget_acc"] < target]
+    assert calls, "no step came under the target; the test needs a stronger push"
+
+
 def test_self_forget_refuses_hr_and_retain_stats(tiny_model, synth, hr_splits, surrogate,
                                                  stats):
     with pytest.raises(ConfigError, match="stats"):
