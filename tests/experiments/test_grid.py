@@ -6,8 +6,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 
 from scar.errors import ConfigError, UnknownComponentError
 from scar.experiments.grid import (
@@ -18,21 +20,8 @@ from scar.experiments.grid import (
     matches,
 )
 
-BASE = {
-    "name": "tiny",
-    "dataset": "synthetic",
-    "dataset_options": {"num_classes": 4, "n_train": 256},
-    "train": {"epochs": 1},
-    "scenario": "CR",
-    "classes": [0, 1],
-    "surrogate": "gaussian-noise",
-    "surrogate_n": 128,
-    "mia": False,
-    "methods": {
-        "scar": {"epochs": 1, "batch_size": 64, "surrogate_steps": 1},
-        "negative_gradient": {"lr": 1e-4, "epochs": 1},
-    },
-}
+#: The shared tiny grid (tests/experiments/tiny_grid.yaml).
+BASE = yaml.safe_load((Path(__file__).parent / "tiny_grid.yaml").read_text())
 
 
 def grid_with(**changes):
@@ -41,8 +30,6 @@ def grid_with(**changes):
 
 
 def test_yaml_and_dict_give_the_same_runs(tmp_path):
-    import yaml
-
     path = tmp_path / "g.yaml"
     path.write_text(yaml.safe_dump(BASE, sort_keys=False))
     assert [s.run_id for s in expand(load_grid(path))] == [s.run_id for s in expand(grid_with())]
@@ -83,15 +70,14 @@ def test_hr_one_forget_set_per_seed():
 
 def test_run_ids_change_with_hyperparameters_but_not_with_device_or_yaml_strings():
     ids = {s.method: s.run_id for s in expand(grid_with()) if s.forget_id == "class0"}
-    lr_changed = grid_with(methods={**BASE["methods"], "negative_gradient": {"lr": 2e-4,
-                                                                             "epochs": 1}})
+    ng = BASE["methods"]["negative_gradient"]
+    lr_changed = grid_with(methods={**BASE["methods"], "negative_gradient": {**ng, "lr": 2e-4}})
     new = {s.method: s.run_id for s in expand(lr_changed) if s.forget_id == "class0"}
     assert new["negative_gradient"] != ids["negative_gradient"]
     assert {k: v for k, v in new.items() if k != "negative_gradient"} == {
         k: v for k, v in ids.items() if k != "negative_gradient"}
     # YAML 1.1 reads 1e-4 as a string; the method coerces it, so the run is the same
-    as_string = grid_with(methods={**BASE["methods"], "negative_gradient": {"lr": "1e-4",
-                                                                            "epochs": 1}})
+    as_string = grid_with(methods={**BASE["methods"], "negative_gradient": {**ng, "lr": "1e-4"}})
     assert {s.run_id for s in expand(as_string)} == {s.run_id for s in expand(grid_with())}
     elsewhere = grid_with(device="cpu", data_dir="/somewhere")
     assert {s.run_id for s in expand(elsewhere)} == {s.run_id for s in expand(grid_with())}

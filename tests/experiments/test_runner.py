@@ -7,9 +7,11 @@ import logging
 import shutil
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import yaml
 
 from scar.errors import OptionalDependencyError, ScarError
 from scar.experiments.executors import LocalExecutor, RayExecutor
@@ -18,22 +20,8 @@ from scar.experiments.runner import CHECKPOINT_DIR, run_grid
 from scar.experiments.store import ROW_KEYS, ResultsStore
 from scar.methods.base import METHODS, Method
 
-TINY = {
-    "name": "tiny",
-    "dataset": "synthetic",
-    "dataset_options": {"num_classes": 4, "n_train": 256},
-    "train": {"epochs": 1},
-    "scenario": "CR",
-    "classes": [0, 1],
-    "surrogate": "gaussian-noise",
-    "surrogate_n": 128,
-    "mia": False,
-    "device": "cpu",
-    "methods": {
-        "scar": {"epochs": 1, "batch_size": 64, "surrogate_steps": 1},
-        "negative_gradient": {"lr": 1e-4, "epochs": 1, "batch_size": 64},
-    },
-}
+#: The shared tiny grid (tests/experiments/tiny_grid.yaml).
+TINY = {**yaml.safe_load((Path(__file__).parent / "tiny_grid.yaml").read_text()), "device": "cpu"}
 
 
 class CountingExecutor(LocalExecutor):
@@ -202,8 +190,6 @@ def test_truncated_last_line_is_tolerated(tmp_path, caplog):
 
 
 def test_cli_dry_run_and_exit_codes(base_run, tmp_path, capsys):
-    import yaml
-
     import scar.cli_run  # noqa: F401  (registers `scar run`)
     from scar.cli import main
 
