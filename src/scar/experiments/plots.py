@@ -106,29 +106,33 @@ _CHAR_PT, _LINE_PT = 5.0, 9.0
 _DYS = (6, -5, 17, -16, 28, -27)
 
 
+def _label_box(x: float, y: float, dx: float, dy: float, width: float
+               ) -> tuple[float, float, float, float]:
+    """A label's approximate box in data-range units, from its anchor and offset in points."""
+    px, py = 1 / _AREA_PT[0], 1 / _AREA_PT[1]
+    return (x + dx * px, y + dy * py, x + (dx + width) * px, y + (dy + _LINE_PT) * py)
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def label_offsets(xs: Sequence[float], ys: Sequence[float], names: Sequence[str], *,
                   log_x: bool = False) -> list[tuple[float, float]]:
     """Text offsets (points) for point labels, placed one by one: the first of a few positions
     right of the point (then left of it) whose approximate text box overlaps no label placed
     before, so that labels of nearby points do not print over each other."""
     ux, uy = _unit(xs, log_x), _unit(ys)
-    px, py = 1 / _AREA_PT[0], 1 / _AREA_PT[1]
     placed: list[tuple[float, float, float, float]] = []
     out: list[tuple[float, float]] = []
     for x, y, name in zip(ux, uy, names):
         width = _CHAR_PT * len(name)
-        candidates = [(6.0, dy) for dy in _DYS] + [(-6.0 - width, dy) for dy in _DYS]
-        chosen, box = candidates[0], None
-        for dx, dy in candidates:
-            b = (x + dx * px, y + dy * py, x + (dx + width) * px, y + (dy + _LINE_PT) * py)
-            if not any(b[0] < q[2] and q[0] < b[2] and b[1] < q[3] and q[1] < b[3]
-                       for q in placed):
-                chosen, box = (dx, float(dy)), b
-                break
-        if box is None:  # crowded everywhere: default place
-            dx, dy = chosen
-            box = (x + dx * px, y + dy * py, x + (dx + width) * px, y + (dy + _LINE_PT) * py)
-        placed.append(box)
+        candidates = [(6.0, float(dy)) for dy in _DYS] + [(-6.0 - width, float(dy))
+                                                          for dy in _DYS]
+        free = (c for c in candidates
+                if not any(_overlap(_label_box(x, y, *c, width), q) for q in placed))
+        chosen = next(free, candidates[0])  # crowded everywhere: the default place
+        placed.append(_label_box(x, y, *chosen, width))
         out.append(chosen)
     return out
 

@@ -237,8 +237,8 @@ def access_profile(method: Method, touched: dict[str, int] | None = None) -> str
     uses = method.uses()
     words = [f"requires: {', '.join(sorted(method.required_data())) or '-'}",
              f"reads: {', '.join(sorted(uses)) or '-'}"]
-    if method.access_note():
-        words.append(method.access_note())
+    if note := method.access_note():
+        words.append(note)
     if touched is not None:
         seen = [f"{k}={v}" for k, v in sorted(touched.items()) if v]
         words.append(f"images loaded: {', '.join(seen) or 'none'}")
@@ -318,13 +318,13 @@ def check_below(model: nn.Module, loader: BatchLoader, target: float, *,
     was = model.training
     model.eval()
     total = len(loader.data)
-    correct = 0
+    correct = seen = 0
     hits = []
     try:
         for b in loader:
             hits.append(model(b.x).argmax(1) == b.y)
             correct += int(hits[-1].sum())
-            seen = sum(len(h) for h in hits)
+            seen += len(hits[-1])
             if correct >= target * total or (
                     z is not None and min_seen <= seen < total
                     and _clearly_above(correct, seen, total, target, z)):

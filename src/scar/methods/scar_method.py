@@ -39,7 +39,7 @@ from scar.methods.base import (
 )
 from scar.methods.mahalanobis import ClassStats, MahalanobisHead
 from scar.methods.statistics import class_statistics
-from scar.methods.synthesis import most_probable_per_class, predicted_as_label, synthesize
+from scar.methods.synthesis import most_probable_per_class, synthesize
 from scar.models.adapter import FeatureModel
 
 log = logging.getLogger(__name__)
@@ -321,9 +321,6 @@ class SCAR(Method):
         images = synthesize(teacher, surrogate.subset(idx, labels), data, head,
                             steps=self.cover_steps, lr=self.cover_lr, beta=1.0,
                             desc=f"{self.name}: surrogate cover")
-        hit = predicted_as_label(teacher, images, data.input_spec, data.device)
-        log.info("%s: surrogate cover of %d images for classes %s, %.1f%% predicted as their "
-                 "class", self.name, len(images), classes, 100 * float(hit.float().mean()))
         self.cover_images_ = len(images)
         return ConcatImages([surrogate, images])
 

@@ -19,7 +19,7 @@ from scar.data.base import ImageSet, TensorImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice, check_range
 from scar.methods.base import EVAL_BATCH, UnlearnData, register
 from scar.methods.scar_method import SCAR
-from scar.methods.synthesis import predicted_as_label, sample_points, synthesize
+from scar.methods.synthesis import sample_points, synthesize
 from scar.models.adapter import FeatureModel
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,6 @@ class SCARSelfForget(SCAR):
         if head is not None and self.synth_target == "sample":
             g = torch.Generator().manual_seed(data.seed)
             points = sample_points(data.stats, proxies.labels, head, g).to(data.device)
-        images = synthesize(teacher, proxies, data, head, steps=self.synth_steps,
-                            lr=self.synth_lr, beta=self.synth_beta, points=points,
-                            desc=f"{self.name}: proxy synthesis")
-        hit = predicted_as_label(teacher, images, data.input_spec, data.device)
-        log.info("self-forget: %d synthesised proxies, %.1f%% predicted as their removed class",
-                 len(images), 100 * float(hit.float().mean()))
-        return images
+        return synthesize(teacher, proxies, data, head, steps=self.synth_steps,
+                          lr=self.synth_lr, beta=self.synth_beta, points=points,
+                          desc=f"{self.name}: proxy synthesis")

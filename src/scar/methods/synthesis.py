@@ -12,11 +12,15 @@ SCAR Mahalanobis head. Two uses:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from tqdm.auto import tqdm
 
 from scar.data.base import ImageSet, InputSpec, TensorImages, normalize
 from scar.models.adapter import FeatureModel
+
+log = logging.getLogger(__name__)
 
 #: Images optimised together.
 SYNTH_BATCH = 256
@@ -73,7 +77,7 @@ def synthesize(teacher: FeatureModel, seeds: ImageSet, data, head, *, steps: int
                ) -> TensorImages:
     """:func:`synthesize_batch` over ``seeds`` (labelled with their target classes), batch by
     batch on the data's device, with a progress bar; returns the synthesised images with the
-    same labels."""
+    same labels and logs how many the teacher predicts as their label."""
     out = []
     loader = data.loader(seeds, SYNTH_BATCH, shuffle=False)
     with tqdm(total=steps * len(loader), desc=desc, disable=not data.progress,
@@ -83,7 +87,11 @@ def synthesize(teacher: FeatureModel, seeds: ImageSet, data, head, *, steps: int
                                         lr=lr, beta=beta,
                                         points=None if points is None else points[b.idx],
                                         on_step=bar.update))
-    return TensorImages(torch.cat(out).cpu(), seeds.labels.clone())
+    images = TensorImages(torch.cat(out).cpu(), seeds.labels.clone())
+    hit = predicted_as_label(teacher, images, data.input_spec, data.device)
+    log.info("%s: %d images of classes %s, %.1f%% predicted as their class", desc, len(images),
+             sorted(set(images.labels.tolist())), 100 * float(hit.float().mean()))
+    return images
 
 
 @torch.no_grad()
