@@ -16,6 +16,7 @@ from torch import nn
 
 from scar.data.base import Batch
 from scar.errors import ConfigError
+from scar.models.base import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +65,17 @@ class Outputs:
 def compute_outputs(model: nn.Module, loader: Iterable[Batch]) -> Outputs:
     """Run ``model`` over every batch of ``loader`` (eval mode, no autograd) and collect outputs.
 
-    The model's previous train/eval mode is restored afterwards, so this can be called in the
+    Each module's previous train/eval mode is restored afterwards, so this can be called in the
     middle of training. Batches must have ``.x`` (inputs on the model's device) and ``.y``.
     An empty loader gives :class:`Outputs` with zero rows and zero columns; use
     :func:`evaluate_splits` to get the right column count for empty splits.
     """
-    was_training = model.training
     logits: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                logits.append(model(batch.x).detach().to("cpu", torch.float32))
-                labels.append(batch.y.detach().to("cpu", torch.int64))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for batch in loader:
+            logits.append(model(batch.x).detach().to("cpu", torch.float32))
+            labels.append(batch.y.detach().to("cpu", torch.int64))
     if not logits:
         return Outputs.empty(0)
     return Outputs(torch.cat(logits), torch.cat(labels))

@@ -25,7 +25,7 @@ from torch import nn
 
 from scar.data.base import BatchLoader, ImageSet, InputSpec, SubsetImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice
-from scar.models.base import channels_last
+from scar.models.base import channels_last, eval_mode
 from scar.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -263,14 +263,13 @@ def cycle(loader: BatchLoader) -> Iterator:
 
 @torch.inference_mode()
 def predict(model: nn.Module, loader: BatchLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions, labels) of ``model`` over a loader, in eval mode; restores the mode."""
-    was = model.training
-    model.eval()
+    """(predictions, labels) of ``model`` over a loader, in eval mode; restores each module's
+    mode."""
     preds, labels = [], []
-    for b in loader:
-        preds.append(model(b.x).argmax(1))
-        labels.append(b.y)
-    model.train(was)
+    with eval_mode(model):
+        for b in loader:
+            preds.append(model(b.x).argmax(1))
+            labels.append(b.y)
     if not preds:
         return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     return torch.cat(preds), torch.cat(labels)
@@ -304,7 +303,8 @@ class ForgetCheck:
 @torch.inference_mode()
 def check_below(model: nn.Module, loader: BatchLoader, target: float, *,
                 z: float | None = None, min_seen: int = 256) -> ForgetCheck:
-    """Is ``model``'s accuracy over ``loader`` strictly below ``target``? (eval mode; restored)
+    """Is ``model``'s accuracy over ``loader`` strictly below ``target``? (eval mode; every
+    module's mode restored)
 
     A *stop* is only ever decided on every image, exactly. A *no* ends the pass early:
 
@@ -315,12 +315,10 @@ def check_below(model: nn.Module, loader: BatchLoader, target: float, *,
       corrected) above the target. That is a statistical decision: with z = 3 it wrongly says
       "not yet" about once in 700 checks, which only delays the stop to a later check.
     """
-    was = model.training
-    model.eval()
     total = len(loader.data)
     correct = seen = 0
     hits = []
-    try:
+    with eval_mode(model):
         for b in loader:
             hits.append(model(b.x).argmax(1) == b.y)
             correct += int(hits[-1].sum())
@@ -329,8 +327,6 @@ def check_below(model: nn.Module, loader: BatchLoader, target: float, *,
                     z is not None and min_seen <= seen < total
                     and _clearly_above(correct, seen, total, target, z)):
                 break
-    finally:
-        model.train(was)
     mask = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
     return ForgetCheck(reached=len(mask) == total and correct < target * total,
                        correct=correct, seen=len(mask), total=total, hits=mask)

@@ -17,6 +17,7 @@ from torch import nn
 from scar.data.base import BatchLoader, ImageSet, InputSpec
 from scar.methods.mahalanobis import ClassStats, StatsAccumulator
 from scar.models.adapter import FeatureModel
+from scar.models.base import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,19 @@ def class_statistics(
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
 ) -> ClassStats:
-    """One eval-mode pass over ``data``: per-class Tukey-space mean and covariance.
+    """One eval-mode pass over ``data``: per-class Tukey-space mean and covariance. Every
+    module's train/eval flag is as the caller left it afterwards.
 
     ``by="labels"`` groups by the true labels, ``by="predictions"`` by the model's predicted
     class (used for surrogate images, which have no labels of the model's classes).
     """
     fm = model if isinstance(model, FeatureModel) else FeatureModel(model, head=head)
-    was = fm.training
-    fm.eval()
     acc = StatsAccumulator(num_classes, fm.feature_dim, delta, tukey_mode)
-    for batch in BatchLoader(data, input_spec, batch_size=batch_size, device=device):
-        feats, logits = fm(batch.x)
-        groups = batch.y if by == "labels" else logits.argmax(1)
-        acc.update(feats, groups)
-    fm.train(was)
+    with eval_mode(fm):
+        for batch in BatchLoader(data, input_spec, batch_size=batch_size, device=device):
+            feats, logits = fm(batch.x)
+            groups = batch.y if by == "labels" else logits.argmax(1)
+            acc.update(feats, groups)
     return acc.finalize()
 
 

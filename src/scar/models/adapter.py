@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from scar.errors import ConfigError, HeadNotFoundError
+from scar.models.base import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,8 @@ def _check_output(output: object, where: str) -> Tensor:
 def _probe_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no gradients for a one-off inspection pass, so BatchNorm running statistics
     are not updated by it; each module's train/eval flag is restored afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, training in flags:
-            m.training = training
+    with eval_mode(model), torch.no_grad():
+        yield
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:
@@ -256,6 +251,9 @@ class FeatureModel(nn.Module):
     def __init__(self, model: nn.Module, head: str | None = None, example: Tensor | None = None):
         super().__init__()
         self.model = model
+        # The wrapper's own flag follows the model's (nn.Module starts in train mode), so that
+        # ``fm.training`` tells the truth about the model it wraps.
+        self.training = model.training
         self.head_name = find_head(model, head=head, example=example)
         self.feature_dim = self.head.in_features
         self.num_classes = self.head.out_features

@@ -47,6 +47,26 @@ def build_model(spec: ModelSpec) -> nn.Module:
 
 
 @contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Every module of ``models`` in eval mode inside the block; each module's own train/eval
+    flag restored on exit.
+
+    ``model.train(was)`` is not a restore: it sets *every* submodule to ``was``, which turns a
+    model whose BatchNorm layers were deliberately frozen (or a wrapper that starts in train
+    mode around an eval model) into a fully training one, and its BatchNorm running statistics
+    then drift with every later forward pass.
+    """
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextmanager
 def channels_last(*models: nn.Module) -> Iterator[None]:
     """Run convolutional models in channels-last memory format; contiguous again on exit.
 

@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scar.data.base import Augment, BatchLoader, ImageSet, InputSpec
-from scar.models.base import channels_last
+from scar.models.base import channels_last, eval_mode
 from scar.training.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -69,14 +69,12 @@ def evaluate_accuracy(model: nn.Module, data: ImageSet, spec: InputSpec, device:
     """Top-1 accuracy (fraction) of ``model`` on ``data``; NaN for an empty set."""
     if len(data) == 0:
         return float("nan")
-    was_training = model.training
-    model.eval()
     correct = 0
-    for batch in BatchLoader(data, spec, batch_size=batch_size, device=device):
-        with autocast_for(device, amp):
-            logits = model(batch.x)
-        correct += int((logits.argmax(1) == batch.y).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for batch in BatchLoader(data, spec, batch_size=batch_size, device=device):
+            with autocast_for(device, amp):
+                logits = model(batch.x)
+            correct += int((logits.argmax(1) == batch.y).sum())
     return correct / len(data)
 
 
