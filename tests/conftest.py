@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +61,36 @@ def hr_splits(synth):
 def tiny_surrogate(synth):
     spec = synth.info.input_spec
     return load_surrogate("gaussian-noise", channels=spec.channels, size=spec.size, n=256, seed=0)
+
+
+class IdxFiles:
+    """Miniature MNIST-style datasets in the original idx format (as Fashion-MNIST ships)."""
+
+    @staticmethod
+    def encode(array: np.ndarray) -> bytes:
+        header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+        return header + array.astype(np.uint8).tobytes()
+
+    @staticmethod
+    def write_dir(directory: Path, n_train: int = 6, n_test: int = 4, gz: bool = True) -> Path:
+        """Image i is filled with value i, label i % 10."""
+        directory.mkdir(parents=True, exist_ok=True)
+        for prefix, n in (("train", n_train), ("t10k", n_test)):
+            images = np.stack([np.full((28, 28), i, np.uint8) for i in range(n)])
+            labels = (np.arange(n) % 10).astype(np.uint8)
+            for kind, arr in (("images-idx3-ubyte", images), ("labels-idx1-ubyte", labels)):
+                name = f"{prefix}-{kind}" + (".gz" if gz else "")
+                data = IdxFiles.encode(arr)
+                (directory / name).write_bytes(gzip.compress(data) if gz else data)
+        return directory
+
+
+@pytest.fixture(scope="session")
+def idx_files() -> type[IdxFiles]:
+    return IdxFiles
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist_dir(tmp_path_factory) -> Path:
+    """A 60 + 20 image Fashion-MNIST in its original file format (pass it as data_dir)."""
+    return IdxFiles.write_dir(tmp_path_factory.mktemp("fashion-mnist"), n_train=60, n_test=20)

@@ -110,3 +110,56 @@ def test_list(capsys):
     out = capsys.readouterr().out
     for word in ("fashion-mnist", "fastcnn", "natural-patches", "scar", "scar_self_forget"):
         assert word in out
+
+
+def test_dataset_options_travel_with_the_checkpoint(fake_fmnist_dir, tmp_path, capsys):
+    """Grey Fashion-MNIST as RGB: `train` records the option, `unlearn` and `evaluate` reuse it
+    without being told, and the unlearned checkpoint records it again."""
+    data = ["--dataset", "fashion-mnist", "--data-dir", str(fake_fmnist_dir)]
+    orig = tmp_path / "rgb.safetensors"
+    assert main(["-q", "train", *data, "--dataset-option", "channels=3", "--epochs", "1",
+                 "--set", "batch_size=32", "--out", str(orig)]) == 0
+    meta = json.loads(orig.with_suffix(".json").read_text())
+    assert meta["dataset_options"] == {"channels": 3}
+    assert meta["input_spec"]["channels"] == 3 and meta["model"]["channels"] == 3
+    out = tmp_path / "u.safetensors"
+    rc = main(["-q", "unlearn", "--checkpoint", str(orig), "--data-dir", str(fake_fmnist_dir),
+               "--forget-class", "1", "--method", "negative_gradient", "--set", "epochs=1",
+               "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(out.with_suffix(".json").read_text())["dataset_options"] == {"channels": 3}
+    report = tmp_path / "audit.json"
+    assert main(["-q", "evaluate", "--checkpoint", str(out), "--data-dir", str(fake_fmnist_dir),
+                 "--no-mia", "--out", str(report)]) == 0
+    assert set(json.loads(report.read_text())["results"]) == {"original", "evaluated"}
+    capsys.readouterr()
+    # asking for other options than the recorded ones is refused, naming both
+    assert main(["-q", "evaluate", "--checkpoint", str(out), "--data-dir", str(fake_fmnist_dir),
+                 "--dataset-option", "channels=1", "--no-mia"]) == 2
+    err = capsys.readouterr().err
+    assert "3x28px" in err and "1x28px" in err and "'channels': 3" in err
+
+
+def test_default_checkpoint_name_carries_the_dataset_options():
+    from scar.cli import default_name
+    from scar.training.workflow import TrainJob
+
+    job = TrainJob(dataset="fashion-mnist", dataset_options={"channels": 3},
+                   model="tv:mobilenet_v3_small")
+    assert default_name(job).startswith("fashion-mnist-channels3_tv:mobilenet_v3_small_original")
+
+
+@pytest.mark.parametrize(
+    "option, needle",
+    [
+        ("channels=x", "--dataset-option channels expects a int value; got 'x'"),
+        ("channels", "--dataset-option expects key=value; got 'channels'"),
+        ("colour=1", "allowed options: ['channels']"),
+        ("channels=2", "fashion-mnist option channels must be one of [1, 3]; got 2"),
+    ],
+)
+def test_bad_dataset_option(option, needle, tmp_path, capsys, fake_fmnist_dir):
+    assert main(["-q", "train", "--dataset", "fashion-mnist", "--data-dir", str(fake_fmnist_dir),
+                 "--dataset-option", option, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err

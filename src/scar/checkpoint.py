@@ -1,10 +1,10 @@
 """Checkpoints: safetensors weights + a JSON sidecar. Never unpickles anything.
 
 ``path/to/name.safetensors`` holds the weights, ``path/to/name.json`` the sidecar: model spec,
-input spec, dataset, role (original / oracle / unlearned), forget spec, metrics, timing, device,
-versions, seed, and the location of stored class statistics if any. A plain ``.pt``/``.pth`` state
-dict is accepted only through ``torch.load(weights_only=True)`` and only with an explicit model
-spec (there is no sidecar to rebuild the architecture from).
+input spec, dataset and its loader options, role (original / oracle / unlearned), forget spec,
+metrics, timing, device, versions, seed, and the location of stored class statistics if any. A
+plain ``.pt``/``.pth`` state dict is accepted only through ``torch.load(weights_only=True)`` and
+only with an explicit model spec (there is no sidecar to rebuild the architecture from).
 """
 
 from __future__ import annotations
@@ -42,6 +42,13 @@ class Checkpoint:
     @property
     def dataset(self) -> str:
         return self.meta.get("dataset", "")
+
+    @property
+    def dataset_options(self) -> dict[str, Any] | None:
+        """The dataset loader options it was trained with (defaults filled in); None for a
+        checkpoint written before they were recorded."""
+        options = self.meta.get("dataset_options")
+        return None if options is None else dict(options)
 
     def stats_path(self) -> Path | None:
         """Where stored class statistics (recorded at training time) live, if any."""

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from scar.errors import ConfigError, ScarError
 
@@ -28,20 +29,36 @@ def command(name: str):
 
 
 # ---------------------------------------------------------------- shared argument groups
-def parse_sets(pairs: Sequence[str] | None) -> dict[str, str]:
+def parse_sets(pairs: Sequence[str] | None, flag: str = "--set") -> dict[str, str]:
     """``--set key=value`` pairs → dict (values stay strings; consumers coerce and validate)."""
     out: dict[str, str] = {}
     for pair in pairs or []:
         if "=" not in pair:
-            raise ConfigError(f"--set expects key=value; got {pair!r}.")
+            raise ConfigError(f"{flag} expects key=value; got {pair!r}.")
         key, value = pair.split("=", 1)
         out[key.strip()] = value.strip()
     return out
 
 
+def parse_dataset_options(dataset: str, pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``--dataset-option key=value`` pairs → options of ``dataset``'s loader, each value coerced
+    to the type of the option's default (``channels=3`` → 3); unknown keys → ConfigError."""
+    from scar.data.datasets import full_options, option_defaults
+    from scar.training.recipes import coerce
+
+    raw = parse_sets(pairs, flag="--dataset-option")
+    full_options(dataset, raw)  # unknown options → ConfigError naming the allowed ones
+    defaults = option_defaults(dataset)
+    return {k: coerce(f"--dataset-option {k}", v, defaults[k]) for k, v in raw.items()}
+
+
 def add_data_args(p: argparse.ArgumentParser, dataset_default: str | None = "fashion-mnist"):
     p.add_argument("--dataset", default=dataset_default,
                    help="dataset name (see `scar list datasets`); imagefolder:<path> for your own")
+    p.add_argument("--dataset-option", action="append", metavar="KEY=VALUE",
+                   help="dataset loader option, e.g. channels=3 (grey images as RGB, for "
+                        "tv:<model>); repeatable. A checkpoint records its options: commands "
+                        "that read one reuse them")
     p.add_argument("--data-dir", default=None,
                    help="where the dataset lives (else $SCAR_DATA_DIR, then system locations)")
     p.add_argument("--download", action="store_true",
@@ -118,8 +135,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = parse_sets(args.set)
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    job = TrainJob(dataset=args.dataset, model=args.model, forget=forget,
-                   recipe_overrides=overrides, seed=args.seed, head=args.head)
+    options = parse_dataset_options(args.dataset, args.dataset_option)
+    job = TrainJob(dataset=args.dataset, dataset_options=options, model=args.model,
+                   forget=forget, recipe_overrides=overrides, seed=args.seed, head=args.head)
     out = Path(args.out) if args.out else Path("checkpoints") / default_name(job)
     path = run_train_job(job, out, device=args.device, data_dir=args.data_dir,
                          download=args.download, amp=not args.no_amp, progress=not args.quiet)
@@ -146,6 +164,7 @@ def default_name(job) -> str:
     tag = "original" if job.forget is None else f"oracle-{forget_tag(job.forget)}"
     model = job.model or "default"
     dataset = job.dataset.replace(":", "_").replace("/", "_")
+    dataset += "".join(f"-{k}{v}" for k, v in sorted((job.dataset_options or {}).items()))
     return f"{dataset}_{model}_{tag}_s{job.seed}.safetensors"
 
 
@@ -154,7 +173,8 @@ def cmd_forget_set(args: argparse.Namespace) -> int:
     from scar.data.datasets import load_dataset
     from scar.data.forget import sample_forget_indices, save_indices
 
-    bundle = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download)
+    bundle = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
+                          **parse_dataset_options(args.dataset, args.dataset_option))
     n = len(bundle.train)
     idx = sample_forget_indices(n, count=args.count, fraction=args.fraction, seed=args.seed)
     save_indices(args.out, idx, {"dataset": args.dataset, "seed": args.seed, "num_train": n})
@@ -172,10 +192,20 @@ def cmd_surrogate(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_checkpoint_dataset(ck, args: argparse.Namespace):
+    """The data of checkpoint ``ck``: its recorded dataset and options, unless overridden by
+    ``--dataset`` / ``--dataset-option``."""
+    from scar.experiments.unlearn import load_dataset_for
+
+    options = (parse_dataset_options(args.dataset or ck.dataset, args.dataset_option)
+               if args.dataset_option else None)
+    return load_dataset_for(ck, args.dataset, options, data_dir=args.data_dir,
+                            download=args.download)
+
+
 @command("unlearn")
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from scar.checkpoint import load_checkpoint
-    from scar.data.datasets import load_dataset
     from scar.data.forget import make_splits
     from scar.evaluation.audit import audit_models
     from scar.experiments import unlearn as ul
@@ -183,9 +213,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from scar.utils import resolve_device
 
     ck = load_checkpoint(args.checkpoint)
-    bundle = load_dataset(args.dataset or ck.dataset, data_dir=args.data_dir,
-                          download=args.download)
-    ul.check_dataset_matches(ck, bundle)
+    bundle = load_checkpoint_dataset(ck, args)
     spec = forget_spec_from_args(args)
     splits = make_splits(bundle, spec)
     method = build_method(args.method, **parse_sets(args.set))
@@ -199,7 +227,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     outcome = ul.run_unlearning(ck, method, data)
     results, _ = audit_models({"original": ck.model, "unlearned": outcome.model}, splits,
                               ck.input_spec, data.scenario, device=device, mia=args.mia)
-    out = ul.save_unlearned(Path(args.out), outcome, ck, splits, data, results["unlearned"])
+    out = ul.save_unlearned(Path(args.out), outcome, ck, splits, data, results["unlearned"],
+                            dataset_options=bundle.options)
     print(f"{method.name} on {splits.spec.describe()}: {outcome.seconds:.1f}s on "
           f"{data.device} ({outcome.info.get('stop_reason_', 'done')})")
     print(f"data access: {outcome.profile}")
@@ -238,7 +267,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from scar.checkpoint import load_checkpoint
-    from scar.data.datasets import load_dataset
     from scar.data.forget import ForgetSpec, make_splits
     from scar.evaluation.audit import audit_models, mia_note
     from scar.utils import atomic_write_json, resolve_device
@@ -252,8 +280,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "--forget-indices, --forget-fraction or --forget-count."
             )
         spec = ForgetSpec.from_dict(ck.meta["forget"])
-    bundle = load_dataset(args.dataset or ck.dataset, data_dir=args.data_dir,
-                          download=args.download)
+    bundle = load_checkpoint_dataset(ck, args)
     splits = make_splits(bundle, spec)
     models = {}
     original_path = args.original or ck.meta.get("parent")

@@ -23,6 +23,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         build_report,
         format_markdown_table,
         mia_separation_note,
+        oracle_note,
         split_tables,
         table_title,
     )
@@ -34,7 +35,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     for key, table in tables.items():
         print(f"## {table_title(key)}\n")
         print(format_markdown_table(table))
-        print(f"\n{mia_separation_note(table)}\n")
+        print(f"\n{mia_separation_note(table)}")
+        note = oracle_note(table)
+        print(f"{note}\n" if note else "")
     print("written:")
     for name, path in written.items():
         print(f"  {name:<30} {path}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -21,23 +20,6 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # --------------------------------------------------------------------------------------------
 # helpers / fixtures
 # --------------------------------------------------------------------------------------------
-
-
-def idx_bytes(array: np.ndarray) -> bytes:
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(np.uint8).tobytes()
-
-
-def write_idx_dir(directory: Path, n_train: int = 6, n_test: int = 4, gz: bool = True) -> None:
-    """A miniature MNIST-style dataset: image i is filled with value i, label i % 10."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = np.stack([np.full((28, 28), i, np.uint8) for i in range(n)])
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        for kind, arr in (("images-idx3-ubyte", images), ("labels-idx1-ubyte", labels)):
-            name = f"{prefix}-{kind}" + (".gz" if gz else "")
-            data = idx_bytes(arr)
-            (directory / name).write_bytes(gzip.compress(data) if gz else data)
 
 
 def write_png(path: Path, size: tuple[int, int] = (10, 12), mode: str = "RGB", seed: int = 0):
@@ -60,27 +42,27 @@ def no_system_data(monkeypatch, tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_parse_idx_round_trip(tmp_path):
+def test_parse_idx_round_trip(tmp_path, idx_files):
     arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
     path = tmp_path / "x-idx3-ubyte.gz"
-    path.write_bytes(gzip.compress(idx_bytes(arr)))
+    path.write_bytes(gzip.compress(idx_files.encode(arr)))
     out = read_idx(path)
     assert out.shape == (2, 3, 4) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, arr)
 
 
-def test_parse_idx_rejects_bad_header_and_size():
+def test_parse_idx_rejects_bad_header_and_size(idx_files):
     with pytest.raises(ConfigError, match="not an idx file"):
         parse_idx(b"\x01\x00\x08\x01abcd", "f")
-    good = idx_bytes(np.zeros((2, 2), np.uint8))
+    good = idx_files.encode(np.zeros((2, 2), np.uint8))
     with pytest.raises(ConfigError, match="announces shape"):
         parse_idx(good[:-1], "f")
 
 
 @pytest.mark.parametrize("layout", ["", "MNIST/raw"])
 @pytest.mark.parametrize("gz", [True, False])
-def test_mnist_from_idx_files_in_data_dir(tmp_path, no_system_data, layout, gz):
-    write_idx_dir(tmp_path / layout if layout else tmp_path, gz=gz)
+def test_mnist_from_idx_files_in_data_dir(tmp_path, no_system_data, idx_files, layout, gz):
+    idx_files.write_dir(tmp_path / layout if layout else tmp_path, gz=gz)
     b = load_dataset("mnist", data_dir=tmp_path)
     assert b.train.images.shape == (6, 1, 28, 28) and b.test.images.shape == (4, 1, 28, 28)
     assert b.train.images.dtype == torch.uint8
@@ -89,8 +71,8 @@ def test_mnist_from_idx_files_in_data_dir(tmp_path, no_system_data, layout, gz):
     assert b.info.recipe == "mnist" and b.info.class_names[7] == "7"
 
 
-def test_env_var_is_searched(tmp_path, no_system_data, monkeypatch):
-    write_idx_dir(tmp_path / "env" / "FashionMNIST" / "raw")
+def test_env_var_is_searched(tmp_path, no_system_data, monkeypatch, idx_files):
+    idx_files.write_dir(tmp_path / "env" / "FashionMNIST" / "raw")
     monkeypatch.setenv(ds.DATA_DIR_ENV, str(tmp_path / "env"))
     b = load_dataset("fashion-mnist")
     assert len(b.train) == 6 and b.info.num_classes == 10
@@ -108,6 +90,45 @@ def test_fashion_mnist_real_files():
     assert b.info.input_spec.size == 28 and b.info.input_spec.channels == 1
     mean = b.train.images.float().mean().item() / 255
     assert abs(mean - b.info.input_spec.mean[0]) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_grey_dataset_as_rgb(tmp_path, no_system_data, idx_files, name):
+    idx_files.write_dir(tmp_path)
+    grey = load_dataset(name, data_dir=tmp_path)
+    rgb = load_dataset(name, data_dir=tmp_path, channels=3)
+    assert grey.options == {"channels": 1} and rgb.options == {"channels": 3}
+    assert rgb.train.images.shape == (6, 3, 28, 28) and rgb.test.images.shape == (4, 3, 28, 28)
+    for split_rgb, split_grey in ((rgb.train, grey.train), (rgb.test, grey.test)):
+        assert torch.equal(split_rgb.images, split_grey.images.expand(-1, 3, -1, -1))
+        assert torch.equal(split_rgb.labels, split_grey.labels)
+    g, c = grey.info.input_spec, rgb.info.input_spec
+    assert (c.channels, c.size) == (3, 28)
+    assert c.mean == g.mean * 3 and c.std == g.std * 3
+    assert rgb.info.class_names == grey.info.class_names and rgb.info.recipe == name
+
+
+@pytest.mark.parametrize("bad", [2, 0, True, 3.0, "3"])
+def test_channels_option_names_the_bad_value_before_reading_files(no_system_data, bad):
+    with pytest.raises(ConfigError) as err:
+        load_dataset("fashion-mnist", channels=bad)  # no files anywhere: validated first
+    assert "fashion-mnist option channels" in str(err.value) and "[1, 3]" in str(err.value)
+    assert repr(bad) in str(err.value)
+
+
+def test_rgb_datasets_take_no_channels_option():
+    with pytest.raises(ConfigError, match=r"\['channels'\].*allowed options: \(none\)"):
+        load_dataset("cifar10", channels=1)
+
+
+def test_bundles_keep_their_options_with_defaults():
+    b = load_dataset("synthetic", num_classes=3, n_train=30, n_test=9)
+    assert b.options == {"num_classes": 3, "n_train": 30, "n_test": 9, "size": 16,
+                         "channels": 1, "seed": 0}
+    assert ds.full_options("synthetic", {"seed": 2}) == {**ds.option_defaults("synthetic"),
+                                                          "seed": 2}
+    assert ds.option_defaults("fashion-mnist") == {"channels": 1}
+    assert ds.option_defaults("cifar10") == {}
 
 
 def test_missing_data_lists_every_location(tmp_path, no_system_data, monkeypatch):

@@ -155,3 +155,113 @@ def test_only_filters():
     assert all(matches(s, {"seed": "0"}) for s in specs)
     with pytest.raises(ConfigError, match="Did you mean 'method'"):
         check_only({"metod": "scar"})
+
+
+# ---------------------------------------------------------------- per-model entries
+def test_model_entries_override_grid_settings_for_their_model_only():
+    plain = expand(grid_with(model="fastcnn"))
+    specs = expand(grid_with(model=[
+        {"name": "fastcnn"},  # no own keys: exactly the plain grid's runs
+        {"name": "tv:mobilenet_v3_small", "dataset_options": {"channels": 3},
+         "train": {"lr": 0.01}, "model_kwargs": {"dropout": 0.1}},
+    ]))
+    fast = [s for s in specs if s.model == "fastcnn"]
+    tv = [s for s in specs if s.model == "tv:mobilenet_v3_small"]
+    assert [s.run_id for s in fast] == [s.run_id for s in plain] and len(tv) == len(fast)
+    assert fast[0].dataset_options == BASE["dataset_options"] and fast[0].train == {"epochs": 1}
+    # merged key by key over the grid-level mappings
+    assert tv[0].dataset_options == {**BASE["dataset_options"], "channels": 3}
+    assert tv[0].train == {"epochs": 1, "lr": 0.01} and tv[0].model_kwargs == {"dropout": 0.1}
+    assert not {s.run_id for s in tv} & {s.run_id for s in fast}
+
+
+def test_model_entry_settings_change_the_run_ids():
+    def ids(**entry):
+        return {s.run_id for s in expand(grid_with(model=[{"name": "fastcnn", **entry}]))}
+
+    base = ids()
+    assert ids(train={"epochs": 2}) != base
+    assert ids(dataset_options={"seed": 1}) != base
+    assert ids(model_kwargs={"width": 8}) != base
+    assert ids(train={"epochs": 1}) == base  # the same resolved settings, the same runs
+
+
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ([{"name": "fastcnn", "trian": {}}], ["model[0]", "'trian'", "Did you mean 'train'",
+                                               "name, dataset_options, model_kwargs, train"]),
+        ([{"train": {"epochs": 2}}], ["model[0]", "needs 'name'"]),
+        ([{"name": 3}], ["model[0]", "needs 'name'", "3"]),
+        ([["fastcnn"]], ["'model'", "mappings"]),
+        ([{"name": "fastcnn", "train": [1]}], ["model[0].train", "mapping"]),
+        ([{"name": "fastcnn", "train": {"epoch": 2}}], ["'fastcnn'", "epoch", "epochs"]),
+        ([{"name": "fastcnn", "model_kwargs": {"depth": 2}}], ["model_kwargs", "fastcnn",
+                                                               "depth"]),
+        ([{"name": "fastcnn", "dataset_options": {"colour": 1}}], ["dataset_options",
+                                                                   "'fastcnn'", "colour"]),
+        (["fastcnn", {"name": "fastcnn", "train": {"epochs": 2}}], ["'fastcnn' twice",
+                                                                     "entries 0 and 1"]),
+        ([None, "fastcnn"], ["'fastcnn' twice"]),  # null is the recipe's default: fastcnn
+    ],
+)
+def test_malformed_model_entries(model, words):
+    with pytest.raises(ConfigError) as info:
+        expand(grid_with(model=model))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_grey_channels_are_checked_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"fashion-mnist option channels must be one of "
+                                          r"\[1, 3\]; got 2"):
+        load_grid({**BASE, "dataset": "fashion-mnist", "dataset_options": {},
+                   "model": [{"name": "tv:resnet18", "dataset_options": {"channels": 2}}]})
+
+
+def test_model_entry_dataset_options_decide_the_class_count():
+    grid = grid_with(classes="all", model=["fastcnn", {"name": "resnet18",
+                                                       "dataset_options": {"num_classes": 3}}])
+    ids = {m: {s.forget_id for s in expand(grid) if s.model == m} for m in ("fastcnn", "resnet18")}
+    assert ids == {"fastcnn": {"class0", "class1", "class2", "class3"},
+                   "resnet18": {"class0", "class1", "class2"}}
+
+
+# ---------------------------------------------------------------- oracles
+def test_oracles_select_the_requests_with_a_retrain_row():
+    every = expand(grid_with())
+    none = expand(grid_with(oracles="none"))
+    some = expand(grid_with(oracles=[1]))
+    assert [s.method for s in none].count("retrain") == 0
+    assert {s.forget_id for s in some if s.method == "retrain"} == {"class1"}
+    # the other runs keep their ids: stored rows are reused when the choice changes
+    assert {s.run_id for s in none} < {s.run_id for s in every}
+    assert {s.run_id for s in some} == {s.run_id for s in every} - {
+        s.run_id for s in every if s.method == "retrain" and s.forget_id == "class0"}
+    assert [s.run_id for s in expand(grid_with(oracles="all"))] == [s.run_id for s in every]
+    groups = expand(grid_with(classes=[0, [1, 2]], oracles=[[2, 1]]))
+    assert {s.forget_id for s in groups if s.method == "retrain"} == {"class1-2"}
+    hr = expand(grid_with(scenario="HR", classes=..., forget_fraction=0.1, seeds=[0, 3],
+                          oracles=[3]))
+    assert {s.forget_id for s in hr if s.method == "retrain"} == {"seed3"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"oracles": [7]}, ["'oracles'", "7", "not a request of 'classes'", "[0, 1]"]),
+        ({"oracles": [[0, 1]]}, ["'oracles'", "[0, 1]", "not a request"]),
+        ({"classes": "all", "oracles": [4]}, ["'oracles'", "4", "[0, 1, 2, 3]"]),
+        ({"oracles": "some"}, ["'oracles'", "['all', 'none']", "'some'"]),
+        ({"oracles": []}, ["'oracles'", "non-empty"]),
+        ({"oracles": ["0"]}, ["'oracles'", "class entries"]),
+        ({"scenario": "HR", "classes": ..., "forget_fraction": 0.1, "seeds": [0, 1],
+          "oracles": [5]}, ["'oracles'", "[5]", "'seeds'", "[0, 1]"]),
+        ({"oracles": "none", "methods": {"retrain": {}}}, ["'retrain'", "'oracles'", "none"]),
+    ],
+)
+def test_malformed_oracles(changes, words):
+    with pytest.raises(ConfigError) as info:
+        expand(grid_with(**changes))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))

@@ -280,3 +280,34 @@ def test_hr_table_uses_test_and_train_forget_accuracies():
     assert groups["finetune"].aus_on_means.mean == pytest.approx(0.98 / 1.03)
     header = format_markdown_table(list(groups.values())).splitlines()[0]
     assert "| test acc (%) | train-forget acc (%) | retain acc (%) |" in header
+
+
+@pytest.mark.parametrize("oracle_classes", [(), (1,)])
+def test_reports_without_an_oracle_for_some_or_all_requests(tmp_path, oracle_classes, capsys):
+    """Grid key 'oracles': requests without an oracle have no retrain row; tables, notes, CSV,
+    LaTeX and plots are still written, with AUS measured against the original."""
+    import scar.cli_report  # noqa: F401  (registers `scar report`)
+    from scar.cli import main
+    from scar.experiments.report import oracle_note
+
+    rows = [make_row(m, c) for m in ("original", "scar") for c in (0, 1)]
+    rows += [make_row("retrain", c) for c in oracle_classes]
+    write_rows(tmp_path, rows)
+    groups = summarize(load_rows(tmp_path))
+    scar = by_method(groups)["scar"]
+    assert scar.aus_on_means.mean == pytest.approx(0.95 / 1.03)  # as with every oracle
+    written = write_report(tmp_path)
+    md = written["markdown"].read_text()
+    assert "## synthetic / fastcnn / CR" in md and "| scar | yes | 2 |" in md
+    assert {"plot:synthetic_fastcnn_CR_aus_vs_time", "plot:synthetic_fastcnn_CR_per_class",
+            "plot:synthetic_fastcnn_CR_forget_vs_retain"} <= set(written)
+    if oracle_classes:
+        assert "| retrain | no | 1 |" in md
+        assert oracle_note(groups) in md and "retrain rows for 1 of 2 forget requests (class1" \
+            in oracle_note(groups)
+    else:
+        assert "| retrain " not in md and "no retrain rows" in md
+        assert "MIA separation: unknown" in md
+    assert main(["-q", "report", str(tmp_path)]) == 0
+    assert "Oracle: " in capsys.readouterr().out
+    assert oracle_note(summarize(all_rows())) is None  # every request has its oracle

@@ -218,3 +218,70 @@ def test_ray_executor_without_ray_names_the_extra():
         pytest.skip("ray is installed; only the missing-package message is tested")
     with pytest.raises(OptionalDependencyError, match=r"scar-unlearn\[ray\]"):
         RayExecutor()
+
+
+def test_oracles_subset_trains_and_evaluates_only_those(base_run, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True)
+    for p in (base_run[0] / CHECKPOINT_DIR).iterdir():  # the original only: no oracle exists
+        if "oracle" not in p.name:
+            shutil.copy(p, run_dir / CHECKPOINT_DIR / p.name)
+    executor = CountingExecutor()
+    summary = run_grid(load_grid({**TINY, "oracles": "none"}), run_dir, executor=executor,
+                       progress=False)
+    assert (summary.total, summary.ok, summary.failed) == (6, 6, 0)
+    assert executor.calls == {"evaluate_reference": 2, "run_method": 4}  # nothing trained
+    assert not list((run_dir / CHECKPOINT_DIR).glob("*oracle*"))
+    rows = ResultsStore(run_dir).rows()
+    assert "retrain" not in {r["method"] for r in rows}
+    base_rows = {r["run_id"]: r for r in ResultsStore(base_run[0]).rows()}
+    original = next(r for r in rows if r["method"] == "original" and r["forget_id"] == "class1")
+    assert original["metrics"] == base_rows[original["run_id"]]["metrics"]  # same row, same id
+    assert all("aus" in r["metrics"] for r in rows)
+    # asking for one oracle later trains that one only and adds its retrain row
+    executor = CountingExecutor()
+    summary = run_grid(load_grid({**TINY, "oracles": [1]}), run_dir, executor=executor,
+                       progress=False)
+    assert (summary.total, summary.skipped, summary.ok) == (7, 6, 1)
+    assert executor.calls == {"train_checkpoint": 1, "evaluate_reference": 1}
+    retrain = [r for r in ResultsStore(run_dir).rows() if r["method"] == "retrain"]
+    assert [r["forget_id"] for r in retrain] == ["class1"]
+    assert retrain[0]["metrics"]["acc/test_forget"] == 0
+
+
+def test_hr_request_without_an_oracle(base_run, tmp_path):
+    run_dir = with_checkpoints(base_run[0], tmp_path)
+    raw = {**TINY, "scenario": "HR", "classes": None, "forget_fraction": 0.1, "seeds": [2],
+           "oracles": "none", "methods": {"negative_gradient": {"epochs": 1}}}
+    executor = CountingExecutor()
+    summary = run_grid(load_grid(raw), run_dir, executor=executor, progress=False)
+    assert (summary.total, summary.ok) == (2, 2)
+    assert executor.calls == {"evaluate_reference": 1, "run_method": 1}
+    rows = {r["method"]: r for r in ResultsStore(run_dir).rows()}
+    assert set(rows) == {"original", "negative_gradient"}
+    assert {"acc/test", "acc/train_forget", "aus"} <= set(rows["negative_gradient"]["metrics"])
+
+
+def test_per_model_dataset_options_on_grey_images(fake_fmnist_dir, tmp_path):
+    """An architecture panel on (fake) Fashion-MNIST: a grey fastcnn and an RGB-only torchvision
+    model that gets the images as 3 channels; both train, unlearn and evaluate, and each cached
+    checkpoint records the options its data was loaded with."""
+    raw = {
+        "dataset": "fashion-mnist", "data_dir": str(fake_fmnist_dir), "device": "cpu",
+        "model": ["fastcnn", {"name": "tv:mobilenet_v3_small", "dataset_options": {"channels": 3},
+                              "train": {"lr": 0.01}}],
+        "train": {"epochs": 1, "batch_size": 32}, "scenario": "CR", "classes": [1],
+        "oracles": "none", "mia": False, "methods": {"negative_gradient": {"epochs": 1}},
+    }
+    summary = run_grid(load_grid(raw), tmp_path, executor=CountingExecutor(), progress=False)
+    rows = ResultsStore(tmp_path).rows()
+    assert (summary.total, summary.ok) == (4, 4), [r["error"] for r in rows]
+    assert {r["model"] for r in rows} == {"fastcnn", "tv:mobilenet_v3_small"}
+    tv = [r for r in rows if r["model"] == "tv:mobilenet_v3_small"]
+    assert all(r["train"] == {"epochs": 1, "batch_size": 32, "lr": 0.01} for r in tv)
+    sidecars = {}
+    for side in (tmp_path / CHECKPOINT_DIR).glob("*.json"):
+        meta = json.loads(side.read_text())
+        sidecars[meta["model"]["name"]] = (meta["dataset_options"], meta["input_spec"]["channels"])
+    assert sidecars == {"fastcnn": ({"channels": 1}, 1),
+                        "tv:mobilenet_v3_small": ({"channels": 3}, 3)}

@@ -22,9 +22,10 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,9 @@ class DatasetBundle:
     info: DatasetInfo
     train: ImageSet
     test: ImageSet
+    #: The loader options it was loaded with, defaults filled in (set by :func:`load_dataset`;
+    #: empty for a hand-made bundle). Checkpoints record them, so a reload gets the same data.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +149,8 @@ TINYIMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 #: name → loader(arg?, *, data_dir, download, **options) -> DatasetBundle.
 DATASETS: Registry[Callable[..., DatasetBundle]] = Registry("dataset")
+#: Keywords every loader takes that are not dataset options (where the files are, not what).
+RESERVED_KEYWORDS = ("data_dir", "download")
 
 
 def load_dataset(
@@ -153,12 +159,18 @@ def load_dataset(
     download: bool = False,
     **options,
 ) -> DatasetBundle:
-    """Load a registered dataset by name (``"fashion-mnist"``, ``"imagefolder:/path"``, …)."""
+    """Load a registered dataset by name (``"fashion-mnist"``, ``"imagefolder:/path"``, …).
+
+    ``options`` are the loader's keyword options (``channels=3`` for the grey datasets, the
+    synthetic set's ``num_classes``, …); the bundle keeps them, defaults filled in, as
+    :attr:`DatasetBundle.options`.
+    """
     loader, arg = DATASETS.resolve(name)
-    check_options(f"dataset {name!r}", loader, options, reserved=("data_dir", "download"))
+    options = full_options(name, options)
     args = (arg,) if arg is not None else ()
     root = Path(data_dir).expanduser() if data_dir is not None else None
     bundle = loader(*args, data_dir=root, download=download, **options)
+    bundle.options = options
     log.info(
         "Loaded %s: %d train / %d test images, %d classes, %dx%dx%d",
         bundle.info.name,
@@ -183,6 +195,25 @@ def check_options(what: str, fn: Callable, options: dict, reserved: Sequence[str
         raise ConfigError(
             f"{what} does not take option(s) {unknown}; allowed options: {allowed or '(none)'}."
         )
+
+
+def option_defaults(name: str) -> dict[str, Any]:
+    """The keyword options of dataset ``name``'s loader and their defaults."""
+    loader, _ = DATASETS.resolve(name)
+    params = inspect.signature(loader).parameters.values()
+    return {p.name: p.default for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in RESERVED_KEYWORDS
+            and p.default is not p.empty}
+
+
+def full_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` of dataset ``name`` checked against its loader (unknown keys → ConfigError)
+    and completed with the loader's defaults: what a checkpoint records, so that reloading its
+    data never depends on a default that may change."""
+    loader, _ = DATASETS.resolve(name)
+    options = dict(options or {})
+    check_options(f"dataset {name!r}", loader, options, reserved=RESERVED_KEYWORDS)
+    return {**option_defaults(name), **options}
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +385,45 @@ def _torchvision_split(name: str, root: Path, *, train: bool, download: bool):
         ) from exc
 
 
-def load_torchvision_dataset(name: str, data_dir: Path | None, download: bool) -> DatasetBundle:
+def load_torchvision_dataset(
+    name: str, data_dir: Path | None, download: bool, channels: int | None = None
+) -> DatasetBundle:
+    """A well-known dataset from its original files (or torchvision); ``channels=3`` repeats the
+    grey channel of MNIST-style datasets (for models that take RGB input only)."""
+    if channels is not None:
+        check_channels(name, channels)
+    bundle = _read_torchvision_dataset(name, data_dir, download)
+    return bundle if channels is None else with_channels(bundle, channels)
+
+
+def check_channels(name: str, channels: Any) -> None:
+    """``channels`` must be the dataset's own count or, for a grey dataset, 3 (grey → RGB)."""
+    own = KNOWN_DATASETS[name].channels
+    allowed = sorted({own, 3}) if own == 1 else [own]
+    if type(channels) is not int or channels not in allowed:  # not True, not 3.0
+        raise ConfigError(f"{name} option channels must be one of {allowed}; got {channels!r}.")
+
+
+def with_channels(bundle: DatasetBundle, channels: int) -> DatasetBundle:
+    """``bundle`` with grey images repeated to ``channels`` (see :func:`resize_images`) and the
+    normalisation constants repeated per channel (exact: every channel holds the grey image)."""
+    spec = bundle.info.input_spec
+    if channels == spec.channels:
+        return bundle
+    if spec.channels != 1:
+        raise ConfigError(
+            f"{bundle.info.name}: only grey images can be given {channels} channels; these have "
+            f"{spec.channels}."
+        )
+    train, test = (
+        TensorImages(resize_images(s.materialize().images, channels, spec.size), s.labels)
+        for s in (bundle.train, bundle.test)
+    )
+    rgb = InputSpec(channels, spec.size, spec.mean * channels, spec.std * channels)
+    return DatasetBundle(replace(bundle.info, input_spec=rgb), train, test, dict(bundle.options))
+
+
+def _read_torchvision_dataset(name: str, data_dir: Path | None, download: bool) -> DatasetBundle:
     k = KNOWN_DATASETS[name]
     found, looked = find_dataset_dir(name, data_dir, lambda d: torchvision_present(name, d))
     if found is not None and k.idx_files:
@@ -378,11 +447,22 @@ def load_torchvision_dataset(name: str, data_dir: Path | None, download: bool) -
 
 
 def _register_torchvision(name: str) -> None:
-    def loader(*, data_dir: Path | None = None, download: bool = False) -> DatasetBundle:
-        return load_torchvision_dataset(name, data_dir, download)
+    k = KNOWN_DATASETS[name]
+    if k.channels == 1:
+        # Grey datasets take ``channels`` (1, or 3 for RGB-only models such as tv:<name>).
+        def loader(
+            *, data_dir: Path | None = None, download: bool = False, channels: int = k.channels
+        ) -> DatasetBundle:
+            return load_torchvision_dataset(name, data_dir, download, channels)
 
+        help_text = f"{k.title} (torchvision / original files; option channels=3 for RGB)"
+    else:
+
+        def loader(*, data_dir: Path | None = None, download: bool = False) -> DatasetBundle:
+            return load_torchvision_dataset(name, data_dir, download)
+
+        help_text = f"{k.title} (torchvision / original files)"
     loader.__name__ = f"load_{name.replace('-', '_')}"
-    help_text = f"{KNOWN_DATASETS[name].title} (torchvision / original files)"
     DATASETS.register(name, help=help_text)(loader)
 
 

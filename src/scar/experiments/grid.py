@@ -4,8 +4,10 @@ Format (every key but ``dataset``, ``scenario`` and the forget amount is optiona
 
     name: fmnist-cr            # used for the default run folder runs/<name> (else the file stem)
     dataset: fashion-mnist     # or a list of datasets
-    dataset_options: {}        # keyword options of the dataset loader (synthetic: num_classes, ...)
-    model: fastcnn             # or a list; null → the dataset recipe's default architecture
+    dataset_options: {}        # keyword options of the dataset loader (synthetic: num_classes, ...;
+                               #   fashion-mnist / mnist: channels: 3 for RGB-only models)
+    model: fastcnn             # or a list; null → the dataset recipe's default architecture;
+                               #   a list entry may be a mapping with its own settings (below)
     model_kwargs: {}           # keyword options of the model builder (fastcnn: width, ...)
     data_dir: null             # where datasets live (else $SCAR_DATA_DIR, then system locations)
     download: false            # allow downloading a missing dataset
@@ -20,15 +22,35 @@ Format (every key but ``dataset``, ``scenario`` and the forget amount is optiona
     surrogate_n: 5000          # number of surrogate images
     mia: true                  # run the membership-inference attack
     mia_variant: balanced      # balanced | reference (protocol.md)
+    oracles: all               # all | none | the class entries (CR) / seeds (HR) that get one
     methods:                   # name → hyperparameters ({} or null = the method's defaults)
       scar: {}
       scar_self_forget: {}
       negative_gradient: {lr: 1e-4}
 
-Every request (dataset x model x forget set) always gets an ``original`` and a ``retrain`` row:
-the cached original and oracle checkpoints, evaluated like any method. Listing ``retrain`` (or
-``original``) under ``methods`` is allowed and changes nothing; neither takes hyperparameters
-(the oracle is trained with the ``train`` overrides).
+**Per-model settings.** An entry of the ``model`` list may be a mapping (keys ``name``, required,
+and optionally ``dataset_options``, ``model_kwargs``, ``train``); each of its mappings is set, key
+by key, over the grid-level mapping of the same name, for that model only::
+
+    model:
+      - fastcnn                                   # the grid-level settings
+      - {name: resnet18, train: {epochs: 10}}     # epochs 10; other grid 'train' keys kept
+      - name: tv:mobilenet_v3_small               # torchvision models take RGB input only
+        dataset_options: {channels: 3}            #   so Fashion-MNIST is loaded as 3 channels
+        train: {epochs: 5, lr: 0.05}
+
+A model may appear once per dataset (report tables are per dataset and model). Run ids and the
+cached checkpoints depend on the resolved (merged) per-model settings.
+
+**Oracles.** Every request (dataset x model x forget set) gets an ``original`` row: the cached
+original checkpoint, evaluated like any method; it gives A_or for every AUS of the request. With
+``oracles: all`` (the default) every request also gets a ``retrain`` row, the oracle retrained
+without the forget set (trained once and cached). ``oracles: none`` trains no oracle; a list
+trains one only for those requests: CR class entries as written in ``classes`` (``[0, [3, 5]]``),
+HR seeds from ``seeds``. Requests without an oracle have no ``retrain`` row; reports show the
+methods against the original only. Listing ``retrain`` (or ``original``) under ``methods`` is
+allowed and changes nothing (with ``oracles: none`` it is an error); neither takes
+hyperparameters (the oracle is trained with the ``train`` overrides).
 
 Everything is validated before anything runs: unknown keys (with "did you mean"), unknown
 datasets, models, methods and surrogate sources, hyperparameters (each method is built once),
@@ -62,8 +84,12 @@ log = logging.getLogger(__name__)
 GRID_KEYS: tuple[str, ...] = (
     "name", "dataset", "dataset_options", "model", "model_kwargs", "data_dir", "download",
     "device", "train", "scenario", "classes", "seeds", "forget_fraction", "forget_count",
-    "surrogate", "surrogate_n", "mia", "mia_variant", "methods",
+    "surrogate", "surrogate_n", "mia", "mia_variant", "oracles", "methods",
 )  # fmt: skip
+#: Keys of a mapping entry of the ``model`` list.
+MODEL_ENTRY_KEYS: tuple[str, ...] = ("name", "dataset_options", "model_kwargs", "train")
+#: The words ``oracles`` takes besides a list of requests.
+ORACLE_CHOICES = ("all", "none")
 SCENARIOS = ("CR", "HR")
 MIA_VARIANTS = ("balanced", "reference")
 #: Rows every request gets, whatever the methods: the original model and the oracle.
@@ -77,12 +103,31 @@ Items = tuple[tuple[str, Any], ...]
 
 # ---------------------------------------------------------------- the grid
 @dataclass(frozen=True)
+class ModelEntry:
+    """One architecture of a grid with its resolved settings: the grid-level dataset options,
+    model kwargs and training overrides with the entry's own keys set on top."""
+
+    name: str | None  # None → the dataset recipe's default architecture
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return repr(self.name) if self.name else "(the recipe's default)"
+
+
+@dataclass(frozen=True)
 class Grid:
-    """A validated grid (see the module docstring for the file format)."""
+    """A validated grid (see the module docstring for the file format).
+
+    ``dataset_options``, ``model_kwargs`` and ``train`` are the grid-level mappings; what each
+    model uses is in its :class:`ModelEntry` (``models``).
+    """
 
     datasets: tuple[str, ...]
     scenario: str
-    models: tuple[str | None, ...] = (None,)
+    models: tuple[ModelEntry, ...] = (ModelEntry(None),)
     name: str | None = None
     dataset_options: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -98,6 +143,7 @@ class Grid:
     surrogate_n: int | None = None
     mia: bool = True
     mia_variant: str = "balanced"
+    oracles: str | tuple = "all"  # "all", "none", or CR class groups / HR seeds
     methods: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def with_device(self, device: str | None) -> Grid:
@@ -142,17 +188,16 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
         raise ConfigError(
             f"grid key 'mia_variant' must be one of {list(MIA_VARIANTS)}; got {mia_variant!r}."
         )
+    shared = {key: _mapping(key, raw.get(key)) for key in MODEL_ENTRY_KEYS[1:]}
     grid = Grid(
         datasets=_names("dataset", raw["dataset"]),
         scenario=scenario,
-        models=_models(raw.get("model")),
+        models=_models(raw.get("model"), shared),
         name=_name(raw.get("name")),
-        dataset_options=_mapping("dataset_options", raw.get("dataset_options")),
-        model_kwargs=_mapping("model_kwargs", raw.get("model_kwargs")),
         data_dir=_optional_str("data_dir", raw.get("data_dir")),
         download=_bool("download", raw.get("download", False)),
         device=_device(raw.get("device", "auto")),
-        train=_mapping("train", raw.get("train")),
+        **shared,
         classes=_classes(raw.get("classes")),
         seeds=_seeds(raw.get("seeds", [0])),
         forget_fraction=_fraction(raw.get("forget_fraction")),
@@ -161,6 +206,7 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
         surrogate_n=_optional_int("surrogate_n", raw.get("surrogate_n"), low=1),
         mia=_bool("mia", raw.get("mia", True)),
         mia_variant=mia_variant,
+        oracles=_oracles(raw.get("oracles"), scenario),
         methods=_methods(raw.get("methods")),
     )
     validate_grid(grid)
@@ -186,14 +232,34 @@ def _names(key: str, value: Any) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _models(value: Any) -> tuple[str | None, ...]:
+def _is_model_name(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and bool(value))
+
+
+def _models(value: Any, shared: Mapping[str, dict[str, Any]]) -> tuple[ModelEntry, ...]:
+    """The ``model`` entries, each with the grid-level ``shared`` mappings merged under its own."""
     values = value if isinstance(value, list) else [value]
-    if not values or not all(v is None or (isinstance(v, str) and v) for v in values):
+    if not values or not all(_is_model_name(v) or isinstance(v, dict) for v in values):
         raise ConfigError(
-            f"grid key 'model' must be a model name, a list of names, or null (the recipe's "
+            f"grid key 'model' must be a model name, a list of names or of mappings "
+            f"({{name: ..., {', '.join(MODEL_ENTRY_KEYS[1:])}}}), or null (the recipe's "
             f"default); got {value!r}."
         )
-    return tuple(values)
+    entries = []
+    for i, v in enumerate(values):
+        if not isinstance(v, dict):
+            entries.append(ModelEntry(v, **{k: dict(m) for k, m in shared.items()}))
+            continue
+        where = f"model[{i}]"
+        check_keys(where, v, MODEL_ENTRY_KEYS)
+        if "name" not in v or not _is_model_name(v["name"]):
+            raise ConfigError(
+                f"grid key '{where}' needs 'name': a model name (or null for the recipe's "
+                f"default); got {v.get('name', '(missing)')!r}."
+            )
+        own = {k: _mapping(f"{where}.{k}", v.get(k)) for k in shared}
+        entries.append(ModelEntry(v["name"], **{k: {**shared[k], **own[k]} for k in shared}))
+    return tuple(entries)
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -293,6 +359,27 @@ def _classes(value: Any) -> tuple[tuple[int, ...], ...] | str | None:
     return groups
 
 
+def _oracles(value: Any, scenario: str) -> str | tuple:
+    """"all" (also for null), "none", or the requests that get an oracle: CR class groups
+    (sorted, like ``classes``), HR seeds. Checked against ``classes`` / ``seeds`` later."""
+    if value is None:
+        return "all"
+    if value in ORACLE_CHOICES:
+        return value
+    if isinstance(value, list) and value:
+        if scenario == "CR":
+            groups = tuple(tuple(e) if isinstance(e, list) else (e,) for e in value)
+            if all(g and all(_is_int(c) and c >= 0 for c in g) for g in groups):
+                return tuple(dict.fromkeys(tuple(sorted(g)) for g in groups))
+        elif all(_is_int(v) and v >= 0 for v in value):
+            return tuple(dict.fromkeys(value))
+    what = "class entries of 'classes'" if scenario == "CR" else "seeds of 'seeds'"
+    raise ConfigError(
+        f"grid key 'oracles' must be one of {list(ORACLE_CHOICES)} or a non-empty list of the "
+        f"{what} whose requests get an oracle; got {value!r}."
+    )
+
+
 def _methods(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
     if value is None:
         return ()
@@ -315,7 +402,13 @@ def _methods(value: Any) -> tuple[tuple[str, dict[str, Any]], ...]:
 # ---------------------------------------------------------------- cross-checks (registries)
 def validate_grid(grid: Grid) -> None:
     """Everything that can be checked without loading images or training."""
-    from scar.data.datasets import DATASETS, check_options
+    from scar.data.datasets import (
+        DATASETS,
+        KNOWN_DATASETS,
+        RESERVED_KEYWORDS,
+        check_channels,
+        check_options,
+    )
     from scar.data.surrogates import SURROGATES
     from scar.models import MODELS
     from scar.training.recipes import Recipe
@@ -323,24 +416,51 @@ def validate_grid(grid: Grid) -> None:
     _check_scenario_keys(grid)
     for dataset in grid.datasets:
         loader, _ = DATASETS.resolve(dataset)
-        check_options(f"dataset {dataset!r} (grid key 'dataset_options')", loader,
-                      grid.dataset_options, reserved=("data_dir", "download"))
-        num = known_num_classes(dataset, grid.dataset_options)
-        if grid.scenario == "CR" and num is not None:
-            for group in class_groups(grid, dataset):
-                try:
-                    validate_classes(group, num)
-                except ConfigError as exc:
-                    raise ConfigError(f"grid key 'classes', dataset {dataset!r}: {exc}") from exc
-    for model in grid.models:
-        if model is not None:
-            builder, _ = MODELS.resolve(model)
-            _check_model_kwargs(model, builder, grid.model_kwargs)
-    Recipe().with_overrides(grid.train)  # unknown training options / bad types
+        for entry in grid.models:
+            check_options(f"dataset {dataset!r} (grid key 'dataset_options', model "
+                          f"{entry.label})", loader, entry.dataset_options,
+                          reserved=RESERVED_KEYWORDS)
+            if "channels" in entry.dataset_options and dataset in KNOWN_DATASETS:
+                check_channels(dataset, entry.dataset_options["channels"])
+            num = known_num_classes(dataset, entry.dataset_options)
+            if grid.scenario == "CR" and num is not None:
+                for group in class_groups(grid, dataset, entry.dataset_options):
+                    try:
+                        validate_classes(group, num)
+                    except ConfigError as exc:
+                        raise ConfigError(
+                            f"grid key 'classes', dataset {dataset!r}: {exc}"
+                        ) from exc
+            if grid.scenario == "CR" and isinstance(grid.oracles, tuple):
+                _check_oracle_classes(grid, dataset, entry.dataset_options)
+    for entry in grid.models:
+        if entry.name is not None:
+            builder, _ = MODELS.resolve(entry.name)
+            _check_model_kwargs(entry.name, builder, entry.model_kwargs)
+        try:
+            Recipe().with_overrides(entry.train)  # unknown training options / bad types
+        except ConfigError as exc:
+            raise ConfigError(f"grid key 'train' (model {entry.label}): {exc}") from exc
     if grid.surrogate is not None:
         SURROGATES.resolve(grid.surrogate)
+    if grid.oracles == "none" and "retrain" in dict(grid.methods):
+        raise ConfigError(
+            "grid key 'methods' lists 'retrain' but 'oracles' is \"none\": no oracle is "
+            "trained; remove 'retrain' or set oracles to \"all\" or a list of requests."
+        )
     for name, hparams in grid.methods:
         _check_method(name, hparams, grid.scenario)
+
+
+def _check_oracle_classes(grid: Grid, dataset: str, options: Mapping[str, Any]) -> None:
+    requests = class_groups(grid, dataset, options)
+    for group in grid.oracles:
+        if group not in requests:
+            shown = [g[0] if len(g) == 1 else list(g) for g in requests]
+            raise ConfigError(
+                f"grid key 'oracles' lists {group[0] if len(group) == 1 else list(group)}, "
+                f"which is not a request of 'classes' of dataset {dataset!r}; allowed: {shown}."
+            )
 
 
 def _check_scenario_keys(grid: Grid) -> None:
@@ -365,6 +485,13 @@ def _check_scenario_keys(grid: Grid) -> None:
             "'forget_count'."
         )
     validate_amount(grid.forget_count, grid.forget_fraction)
+    if isinstance(grid.oracles, tuple):
+        stray = [s for s in grid.oracles if s not in grid.seeds]
+        if stray:
+            raise ConfigError(
+                f"grid key 'oracles' lists seed(s) {stray} not in 'seeds'; allowed: "
+                f"{list(grid.seeds)}."
+            )
 
 
 def _check_model_kwargs(model: str, builder: Any, kwargs: dict[str, Any]) -> None:
@@ -419,11 +546,13 @@ def known_num_classes(dataset: str, options: Mapping[str, Any]) -> int | None:
     return None
 
 
-def class_groups(grid: Grid, dataset: str) -> tuple[tuple[int, ...], ...]:
-    """The CR requests of ``dataset``: one group of class ids per run ("all" → every class)."""
+def class_groups(grid: Grid, dataset: str, options: Mapping[str, Any]
+                 ) -> tuple[tuple[int, ...], ...]:
+    """The CR requests of ``dataset`` loaded with ``options``: one group of class ids per run
+    ("all" → every class)."""
     if grid.classes != "all":
         return grid.classes or ()
-    num = known_num_classes(dataset, grid.dataset_options)
+    num = known_num_classes(dataset, options)
     if num is None:
         raise ConfigError(
             f"grid key 'classes' is \"all\" but the class count of dataset {dataset!r} is only "
@@ -547,13 +676,29 @@ def default_model(dataset: str, train: Mapping[str, Any]) -> str | None:
     return None
 
 
-def forget_requests(grid: Grid, dataset: str) -> list[tuple[ForgetSpec, tuple[int, ...]]]:
+def forget_requests(grid: Grid, dataset: str, options: Mapping[str, Any]
+                    ) -> list[tuple[ForgetSpec, tuple[int, ...]]]:
     """(forget spec, unlearning seeds) per request: CR → one per class group (all seeds);
     HR → one forget set per seed (its own seed)."""
     if grid.scenario == "CR":
-        return [(ForgetSpec.for_classes(list(g)), grid.seeds) for g in class_groups(grid, dataset)]
+        return [(ForgetSpec.for_classes(list(g)), grid.seeds)
+                for g in class_groups(grid, dataset, options)]
     return [(ForgetSpec.random(count=grid.forget_count, fraction=grid.forget_fraction, seed=s),
              (s,)) for s in grid.seeds]
+
+
+def has_oracle(grid: Grid, forget: ForgetSpec) -> bool:
+    """Whether the request of ``forget`` gets an oracle (a ``retrain`` row) under ``oracles``."""
+    if not isinstance(grid.oracles, tuple):
+        return grid.oracles == "all"
+    if forget.kind == "class":
+        return tuple(sorted(forget.classes)) in grid.oracles
+    return forget.seed in grid.oracles
+
+
+def reference_methods(grid: Grid, forget: ForgetSpec) -> tuple[str, ...]:
+    """The reference rows of a request: ``original``, and ``retrain`` when it has an oracle."""
+    return REFERENCE_METHODS if has_oracle(grid, forget) else REFERENCE_METHODS[:1]
 
 
 def resolved_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -585,18 +730,26 @@ def expand(grid: Grid) -> list[RunSpec]:
     specs: list[RunSpec] = []
     for dataset in grid.datasets:
         surrogate = resolved_surrogate(grid, dataset)
-        for model in grid.models:
+        models: dict[str, int] = {}
+        for i, entry in enumerate(grid.models):
+            model = entry.name or default_model(dataset, entry.train)
+            if model is not None and models.setdefault(model, i) != i:
+                raise ConfigError(
+                    f"grid key 'model' lists model {model!r} twice for dataset {dataset!r} "
+                    f"(entries {models[model]} and {i}); report tables are per dataset and "
+                    "model, so list each model once (compare settings in separate grids)."
+                )
             common = {
-                "dataset": dataset, "model": model or default_model(dataset, grid.train),
+                "dataset": dataset, "model": model,
                 "scenario": grid.scenario, "mia": grid.mia, "mia_variant": grid.mia_variant,
-                "train_items": freeze(grid.train),
-                "dataset_options_items": freeze(grid.dataset_options),
-                "model_kwargs_items": freeze(grid.model_kwargs),
+                "train_items": freeze(entry.train),
+                "dataset_options_items": freeze(entry.dataset_options),
+                "model_kwargs_items": freeze(entry.model_kwargs),
             }
-            for forget, seeds in forget_requests(grid, dataset):
+            for forget, seeds in forget_requests(grid, dataset, entry.dataset_options):
                 ref_seed = forget.seed if grid.scenario == "HR" else TRAIN_SEED
                 specs += [RunSpec(forget=forget, seed=ref_seed, method=m, **common)
-                          for m in REFERENCE_METHODS]
+                          for m in reference_methods(grid, forget)]
                 for seed in seeds:
                     for name, _ in methods:
                         items, needs_surrogate = resolved[name]

@@ -547,6 +547,28 @@ def mia_separation_note(groups: Sequence[GroupSummary], margin: float = MIA_MARG
     )
 
 
+def oracle_note(groups: Sequence[GroupSummary]) -> str | None:
+    """Which forget requests have an oracle (``retrain`` row), when not all of them do (grid key
+    ``oracles``); None when every request has one or the table has no original rows."""
+    by_method = {g.method: g for g in groups}
+    original, retrain = by_method.get(ORIGINAL), by_method.get(RETRAIN)
+    if original is None:
+        return None
+    if retrain is None:
+        return (
+            "Oracle: no retrain rows (grid key 'oracles'); methods compare with the original "
+            "model only (AUS takes A_or from it as always)."
+        )
+    covered = [f for f in original.forget_ids if f in retrain.forget_ids]
+    if len(covered) == len(original.forget_ids):
+        return None
+    return (
+        f"Oracle: retrain rows for {len(covered)} of {len(original.forget_ids)} forget requests "
+        f"({', '.join(covered) or DASH}; grid key 'oracles'); the retrain row averages over "
+        "those only."
+    )
+
+
 def device_note(groups: Sequence[GroupSummary]) -> str:
     """Which device(s) measured the times, and for which methods."""
     where: dict[str, list[str]] = {}
@@ -694,6 +716,9 @@ def _md_table_section(
 ) -> list[str]:
     lines = [f"## {table_title(key)}", "", format_markdown_table(table), ""]
     lines.append(f"- {mia_separation_note(table)}")
+    oracles = oracle_note(table)
+    if oracles:
+        lines.append(f"- {oracles}")
     lines.append(f"- {device_note(table)}")
     lines.append(
         f"- Accuracies in %, mean ± sample std over the forget requests "

@@ -6,22 +6,26 @@ dataclass of plain values (so a distributed executor can ship them; see ``execut
 1. :func:`train_checkpoint` — every original (key: dataset, options, model, training overrides,
    seed 0) and oracle (the same + the forget request) checkpoint that is missing from
    ``run_dir/checkpoints/``; existing ones (weights + sidecar) are reused, across methods and
-   across reruns. The oracle is always trained: every report compares with it.
-2. :func:`evaluate_reference` — the ``original`` and ``retrain`` rows of each forget request,
-   evaluated once per request with :func:`~scar.evaluation.audit.audit_models`; it also gives
-   A_or, the original's accuracy that every AUS of the request is measured against.
+   across reruns. An oracle is trained for the requests the grid's ``oracles`` key selects (by
+   default all of them).
+2. :func:`evaluate_reference` — the ``original`` row (and the ``retrain`` row, where the request
+   has an oracle) of each forget request, evaluated once per request with
+   :func:`~scar.evaluation.audit.audit_models`; it also gives A_or, the original's accuracy that
+   every AUS of the request is measured against (an oracle is not needed for it).
 3. :func:`run_method` — one unlearning call + its evaluation per method run; the metrics come
    from the same functions ``audit_models`` uses, with the request's A_or (evaluating the original
    and the oracle again for every method would only repeat phase 2).
 
 Each finished run appends one row to ``run_dir/results.jsonl`` as soon as its result arrives. A
 rerun skips run ids that already have an "ok" row (failed ones are retried); when a request's
-``original`` and ``retrain`` rows are both stored, phase 2 is skipped and A_or is read from the
-stored row. Any exception inside a task becomes a "failed" row (type + message) and the sweep goes
-on; a failed checkpoint or reference evaluation fails every pending run of its request.
+reference rows are all stored, phase 2 is skipped and A_or is read from the stored original row.
+Any exception inside a task becomes a "failed" row (type + message) and the sweep goes on; a
+failed checkpoint or reference evaluation fails every pending run of its request.
 
 Within a process each dataset is loaded once per sweep and each surrogate set once per
-(dataset, source, n, seed); the caches are emptied when the sweep ends.
+(dataset, source, n, seed); the caches are emptied when the sweep ends. Datasets are loaded with
+the run's dataset options, which the cached checkpoints record; every checkpoint is checked
+against the data it is evaluated on (:func:`~scar.experiments.unlearn.check_dataset_matches`).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from scar.evaluation.audit import (
 )
 from scar.experiments.executors import Executor, LocalExecutor
 from scar.experiments.grid import (
+    REFERENCE_METHODS,
     TRAIN_SEED,
     Grid,
     RunSpec,
@@ -95,9 +100,9 @@ class TrainTask:
 @dataclass(frozen=True)
 class ReferenceTask:
     key: str
-    specs: tuple[RunSpec, RunSpec]  # the "original" and "retrain" runs of one request
+    specs: tuple[RunSpec, ...]  # the "original" run of one request, then its "retrain" run if any
     original: str
-    oracle: str
+    oracle: str | None  # None: the request has no oracle (grid key 'oracles')
     settings: Settings
 
 
@@ -214,7 +219,7 @@ def train_checkpoint(task: TrainTask) -> dict[str, Any]:
     if checkpoint_exists(task.path):
         return {"path": task.path, "error": None}
     spec, settings = task.spec, task.settings
-    job = TrainJob(dataset=spec.dataset, model=spec.model,
+    job = TrainJob(dataset=spec.dataset, dataset_options=spec.dataset_options, model=spec.model,
                    forget=spec.forget if task.role == "oracle" else None,
                    recipe_overrides=spec.train, seed=TRAIN_SEED, model_kwargs=spec.model_kwargs)
     log.info("training the %s checkpoint %s", task.role, task.path)
@@ -242,31 +247,37 @@ def oracle_access(oracle: Checkpoint, n_retain: int) -> dict[str, Any]:
 
 
 def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
-    """Rows of the original and the oracle of one request, and A_or. Never raises."""
-    original_spec, retrain_spec = task.specs
+    """Rows of the original (and of the oracle, if any) of one request, and A_or. Never raises."""
+    original_spec = task.specs[0]
     device = None
     try:
         device = resolve_device(task.settings.device)
         bundle = cached_dataset(original_spec, task.settings)
-        original, oracle = load_checkpoint(task.original), load_checkpoint(task.oracle)
+        checkpoints = {"original": load_checkpoint(task.original)}
+        if task.oracle is not None:
+            checkpoints["retrain"] = load_checkpoint(task.oracle)
+        for ck in checkpoints.values():
+            check_dataset_matches(ck, bundle)
         splits = make_splits(bundle, original_spec.forget)
         results, _ = audit_models(
-            {"original": original.model, "retrain": oracle.model}, splits, original.input_spec,
-            original_spec.scenario, device=device, mia=original_spec.mia,
-            mia_variant=original_spec.mia_variant, seed=original_spec.seed)
+            {name: ck.model for name, ck in checkpoints.items()}, splits,
+            checkpoints["original"].input_spec, original_spec.scenario, device=device,
+            mia=original_spec.mia, mia_variant=original_spec.mia_variant,
+            seed=original_spec.seed)
     except Exception as exc:  # noqa: BLE001 - becomes failed rows
         log_failure(original_spec, exc)
         rows = [make_row(s, error=exc, device=device) for s in task.specs]
         return {"key": task.key, "rows": rows, "a_or": None}
     results["original"]["time/unlearn_s"] = 0.0
-    results["retrain"]["time/unlearn_s"] = float(oracle.meta.get("train_seconds", math.nan))
-    rows = [
-        make_row(original_spec, metrics=results["original"], device=device),
+    rows = [make_row(original_spec, metrics=results["original"], device=device)]
+    if task.oracle is not None:
+        oracle = checkpoints["retrain"]
+        results["retrain"]["time/unlearn_s"] = float(oracle.meta.get("train_seconds", math.nan))
         # The oracle's time is its training run: record the device that ran it.
-        make_row(retrain_spec, metrics=results["retrain"],
-                 access=oracle_access(oracle, len(splits.train_retain)),
-                 device=oracle.meta.get("device"), device_label=oracle.meta.get("device_name")),
-    ]
+        rows.append(make_row(task.specs[1], metrics=results["retrain"],
+                             access=oracle_access(oracle, len(splits.train_retain)),
+                             device=oracle.meta.get("device"),
+                             device_label=oracle.meta.get("device_name")))
     a_or = original_reference(results["original"], original_spec.scenario)
     return {"key": task.key, "rows": rows, "a_or": a_or}
 
@@ -387,9 +398,10 @@ class _Request:
     """The pending runs of one forget request and what they need."""
 
     specs: list[RunSpec]
-    reference: dict[str, RunSpec]
+    reference: dict[str, RunSpec]  # "original", and "retrain" when the request has an oracle
     original: str
-    oracle: str | None = None  # None: both reference rows are stored, no oracle needed
+    evaluate: bool = False  # whether the reference rows are (re-)evaluated; else A_or is stored
+    oracle: str | None = None  # None: no oracle, or none needed (its row is stored)
     a_or: float | None = None
 
 
@@ -407,7 +419,9 @@ def plan(pending: list[RunSpec], refs: dict[tuple, dict[str, RunSpec]],
             row = stored[req.reference["original"].run_id]
             req.a_or = original_reference(row["metrics"], row["scenario"])
         else:
-            req.oracle = str(checkpoint_path(run_dir, req.specs[0], "oracle"))
+            req.evaluate = True
+            if "retrain" in req.reference:
+                req.oracle = str(checkpoint_path(run_dir, req.specs[0], "oracle"))
     return requests
 
 
@@ -431,9 +445,10 @@ def _run(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
             live[stable_hash(req.original + str(req.oracle) + req.specs[0].run_id)] = req
 
     # 2. reference rows, and A_or for the AUS of every method run of the request
-    ref_tasks = [ReferenceTask(key, (req.reference["original"], req.reference["retrain"]),
+    ref_tasks = [ReferenceTask(key, tuple(req.reference[m] for m in REFERENCE_METHODS
+                                          if m in req.reference),
                                req.original, req.oracle, settings)
-                 for key, req in live.items() if req.oracle is not None]
+                 for key, req in live.items() if req.evaluate]
     for result in executor.map(evaluate_reference, ref_tasks):
         req = live[result["key"]]
         for row in result["rows"]:

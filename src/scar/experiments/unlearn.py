@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from torch import nn
 
 from scar.checkpoint import Checkpoint, save_checkpoint
 from scar.data.base import ImageSet
-from scar.data.datasets import DatasetBundle
+from scar.data.datasets import DatasetBundle, load_dataset
 from scar.data.forget import ForgetSpec, Splits
 from scar.data.surrogates import load_surrogate
 from scar.errors import ConfigError
@@ -115,9 +116,11 @@ def run_unlearning(ck: Checkpoint, method: Method, data: UnlearnData) -> Unlearn
 
 
 def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, splits: Splits,
-                   data: UnlearnData, metrics: dict[str, Any] | None = None) -> Path:
+                   data: UnlearnData, metrics: dict[str, Any] | None = None, *,
+                   dataset_options: Mapping[str, Any] | None = None) -> Path:
     """Write the unlearned checkpoint; its sidecar records the parent, method, hyperparameters,
-    data-access profile and time, so it can itself be unlearned again."""
+    data-access profile and time, so it can itself be unlearned again. ``dataset_options``: the
+    options the dataset was loaded with (default: the parent's recorded ones)."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / "unlearned.safetensors" if path.suffix == "" else path.with_suffix(
@@ -126,6 +129,8 @@ def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, sp
     meta = {
         "role": "unlearned",
         "dataset": ck.dataset,
+        "dataset_options": (dict(dataset_options) if dataset_options is not None
+                            else ck.dataset_options),
         "parent": str(ck.path) if ck.path else None,
         "method": outcome.method.name,
         "hparams": outcome.method.hparams(),
@@ -147,13 +152,53 @@ def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, sp
     return save_checkpoint(path, outcome.model, ck.model_spec, ck.input_spec, meta)
 
 
+def dataset_for(ck: Checkpoint, dataset: str | None = None,
+                options: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """Name and loader options of the data of ``ck``: the dataset and options its sidecar
+    records, ``dataset`` replacing the name (recorded options only apply to the recorded
+    dataset) and ``options`` set key by key on top."""
+    name = dataset or ck.dataset
+    if not name:
+        raise ConfigError(
+            f"checkpoint {ck.path} records no dataset; name it (--dataset NAME)."
+        )
+    recorded = ck.dataset_options if name == ck.dataset else None
+    return name, {**(recorded or {}), **(options or {})}
+
+
+def load_dataset_for(ck: Checkpoint, dataset: str | None = None,
+                     options: Mapping[str, Any] | None = None, *,
+                     data_dir: str | Path | None = None, download: bool = False) -> DatasetBundle:
+    """Load the data of ``ck`` (see :func:`dataset_for`), checked against the checkpoint: the
+    one way every command that reloads a checkpoint's data gets it."""
+    name, opts = dataset_for(ck, dataset, options)
+    bundle = load_dataset(name, data_dir=data_dir, download=download, **opts)
+    check_dataset_matches(ck, bundle)
+    return bundle
+
+
 def check_dataset_matches(ck: Checkpoint, bundle: DatasetBundle) -> None:
+    """The checkpoint must fit the data (classes, channels, size) and, when its sidecar records
+    the options of this very dataset, the data must have been loaded with the same options."""
     info = bundle.info
+    recorded = ck.dataset_options
+    where = (f"its sidecar records dataset {ck.dataset!r} with options {recorded}"
+             if recorded is not None else f"its sidecar records dataset {ck.dataset!r}")
     if ck.model_spec.num_classes != info.num_classes or ck.input_spec.size != \
             info.input_spec.size or ck.input_spec.channels != info.input_spec.channels:
         raise ConfigError(
             f"checkpoint expects {ck.model_spec.num_classes} classes of "
             f"{ck.input_spec.channels}x{ck.input_spec.size}px images but dataset {info.name!r} "
-            f"has {info.num_classes} classes of {info.input_spec.channels}x"
-            f"{info.input_spec.size}px."
+            f"(options {bundle.options}) has {info.num_classes} classes of "
+            f"{info.input_spec.channels}x{info.input_spec.size}px; {where} (set an option with "
+            "--dataset-option KEY=VALUE, or dataset_options in a grid)."
+        )
+    if recorded is not None and info.name == ck.dataset and bundle.options \
+            and bundle.options != recorded:
+        differ = sorted(k for k in {*recorded, *bundle.options}
+                        if recorded.get(k) != bundle.options.get(k))
+        raise ConfigError(
+            f"checkpoint {ck.path} was trained on {ck.dataset!r} with options {recorded}, but the "
+            f"data was loaded with {bundle.options} (differing: {differ}); reload it with the "
+            "recorded options."
         )

@@ -335,7 +335,8 @@ def torchvision_model(name: str, num_classes: int, channels: int, size: int, **k
         raise ConfigError(
             f"Model 'tv:{name}': torchvision models take 3 input channels; got channels="
             f"{channels}. Use a zoo model (fastcnn, resnet18, vit, ...) or 'timm:<name>' (which "
-            "adapts the input channels), or convert the images to RGB."
+            "adapts the input channels), or load grey images as RGB (dataset option channels=3: "
+            "`--dataset-option channels=3`, or `dataset_options: {channels: 3}` in a grid)."
         )
     if kwargs.pop("weights", None) is not None:
         raise ConfigError(

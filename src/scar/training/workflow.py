@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from scar.checkpoint import save_checkpoint
-from scar.data.datasets import DatasetBundle, load_dataset
+from scar.data.datasets import DatasetBundle, full_options, load_dataset
 from scar.data.forget import ForgetSpec, make_splits
+from scar.errors import ConfigError
 from scar.models.base import ModelSpec, build_model
 from scar.training.recipes import RECIPES, Recipe
 from scar.training.trainer import train_model
@@ -25,6 +26,7 @@ class TrainJob:
     """Everything that defines an original (``forget=None``) or oracle training run."""
 
     dataset: str = "fashion-mnist"
+    dataset_options: dict[str, Any] | None = None  # loader options, e.g. {"channels": 3}
     model: str | None = None  # None → the recipe's default architecture
     forget: ForgetSpec | None = None
     recipe_overrides: dict[str, Any] | None = None
@@ -53,8 +55,20 @@ def run_train_job(
     progress: bool = True,
     record_stats: bool = True,
 ) -> Path:
-    """Train and save a checkpoint (+ sidecar, + stored class statistics). Returns its path."""
-    bundle = bundle or load_dataset(job.dataset, data_dir=data_dir, download=download)
+    """Train and save a checkpoint (+ sidecar, + stored class statistics). Returns its path.
+
+    A given ``bundle`` must have been loaded with the job's dataset options; the sidecar records
+    the bundle's options, so every later reload of the checkpoint's data gets the same images.
+    """
+    if bundle is None:
+        bundle = load_dataset(job.dataset, data_dir=data_dir, download=download,
+                              **(job.dataset_options or {}))
+    elif job.dataset_options and bundle.options != full_options(job.dataset,
+                                                                job.dataset_options):
+        raise ConfigError(
+            f"the dataset given to the {job.role} training was loaded with options "
+            f"{bundle.options}, but the job asks for {job.dataset_options}."
+        )
     recipe = resolve_recipe(bundle, job.recipe_overrides)
     dev = resolve_device(device)
     info = bundle.info
@@ -74,6 +88,7 @@ def run_train_job(
     meta: dict[str, Any] = {
         "role": job.role,
         "dataset": job.dataset,
+        "dataset_options": dict(bundle.options),
         "forget": job.forget.to_dict() if job.forget else None,
         "recipe": recipe.to_dict(),
         "seed": job.seed,
