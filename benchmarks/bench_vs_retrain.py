@@ -1,7 +1,7 @@
 """Every unlearning method against retraining the oracle, in one process, on Fashion-MNIST.
 
-For each scenario — class removal (CR) of ``--forget-class`` and random removal (HR) of 10% of the
-training images (seed 0) — this
+For each scenario — class removal (CR) of each ``--forget-class`` (one at a time, one oracle
+each) and random removal (HR) of 10% of the training images (seed 0) — this
 
 1. retrains the oracle from scratch on the retain set with the original model's recipe (timed);
 2. runs every method through ``scar.experiments.unlearn.run_unlearning`` (timed by the method
@@ -16,6 +16,8 @@ the same process, forget / retain / test accuracy and AUS.
     python benchmarks/bench_vs_retrain.py                          # trains the original first
     python benchmarks/bench_vs_retrain.py --original runs/fmnist/original.safetensors
     python benchmarks/bench_vs_retrain.py --methods scar,duck --scenarios CR
+    python benchmarks/bench_vs_retrain.py --original r18.safetensors --forget-class 0,3,7 \
+        --methods scar --scenarios CR   # any architecture; data loaded as its sidecar records
     python benchmarks/bench_vs_retrain.py --small                  # synthetic data (CI smoke)
 
 Columns: forget acc = accuracy on the train forget set; retain acc = on the train retain set;
@@ -34,10 +36,16 @@ from typing import Any
 import common
 import torch
 
+from scar.checkpoint import load_checkpoint
 from scar.data.datasets import load_dataset
 from scar.data.forget import ForgetSpec, make_splits
 from scar.evaluation.audit import AUS_KEYS, audit_models
-from scar.experiments.unlearn import build_unlearn_data, load_surrogate_for, run_unlearning
+from scar.experiments.unlearn import (
+    build_unlearn_data,
+    load_dataset_for,
+    load_surrogate_for,
+    run_unlearning,
+)
 from scar.methods import METHODS, build_method
 from scar.models.base import build_model
 from scar.training.trainer import train_model
@@ -61,9 +69,21 @@ SMALL_HPARAMS: dict[str, dict[str, Any]] = {
 
 
 def forget_spec(scenario: str, args: argparse.Namespace) -> ForgetSpec:
-    if scenario == "CR":
-        return ForgetSpec.for_classes(args.forget_class)
+    """``scenario`` is "HR" or "CR <class>"."""
+    if scenario.startswith("CR"):
+        return ForgetSpec.for_classes(int(scenario.split()[1]))
     return ForgetSpec.random(fraction=args.fraction, seed=0)
+
+
+def parse_classes(text: str | None) -> list[int] | None:
+    """``--forget-class`` "0" or "0,3,7" → [0] / [0, 3, 7]; None stays None."""
+    if text is None:
+        return None
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"--forget-class takes class ids separated by commas; got {text!r}") from None
 
 
 @torch.no_grad()
@@ -99,7 +119,7 @@ def run_scenario(scenario: str, ck, bundle, recipe, surrogate, methods: list[str
     steps: dict[str, str] = {}
     errors: list[str] = []
     for name in methods:
-        if scenario not in METHODS.get(name).scenarios:
+        if scenario.split()[0] not in METHODS.get(name).scenarios:
             continue  # scar_self_forget: class removal only
         try:
             method = build_method(name, **hparams.get(name, {}))
@@ -117,9 +137,10 @@ def run_scenario(scenario: str, ck, bundle, recipe, surrogate, methods: list[str
         seconds[name] = outcome.seconds
         steps[name] = str(outcome.info.get("steps_", len(method.history_)))
     with common.phase(f"{scenario}: audit of {len(models)} models"):
-        metrics, _ = audit_models(models, splits, ck.input_spec, scenario, device=device,
+        metrics, _ = audit_models(models, splits, ck.input_spec, scenario.split()[0],
+                                  device=device,
                                   mia=False, seed=args.seed)
-    a_t = AUS_KEYS[scenario]["a_t"]
+    a_t = AUS_KEYS[scenario.split()[0]]["a_t"]
     rows = []
     for name in ["original", "retrain", *methods]:
         if name not in seconds and name != "original":
@@ -142,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     common.add_original_args(parser)
     parser.add_argument("--methods", default=",".join(METHOD_NAMES))
     parser.add_argument("--scenarios", default="CR,HR")
-    parser.add_argument("--forget-class", type=int, default=None,
-                        help="CR class (default 0; with --small the class the original predicts "
-                             "most often on the surrogate images, so self-forget has some)")
+    parser.add_argument("--forget-class", default=None,
+                        help="CR class, or classes separated by commas (one oracle each; default "
+                             "0; with --small the class the original predicts most often on the "
+                             "surrogate images, so self-forget has some)")
     parser.add_argument("--fraction", type=float, default=0.1, help="HR forget fraction")
     parser.add_argument("--surrogate", default=None,
                         help="surrogate source (default natural-objects; gaussian-noise with "
@@ -176,13 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = args.work_dir or Path(tmp)
         work_dir.mkdir(parents=True, exist_ok=True)
         with common.phase(f"loading {dataset}"):
-            bundle = load_dataset(dataset, data_dir=args.data_dir)
+            if args.original:  # the dataset options its sidecar records (e.g. channels=3)
+                bundle = load_dataset_for(load_checkpoint(args.original), args.dataset,
+                                          data_dir=args.data_dir)
+            else:
+                bundle = load_dataset(dataset, data_dir=args.data_dir)
         ck, recipe = common.load_or_train_original(args, bundle, device, work_dir)
         surrogate = load_surrogate_for(ck, surrogate_name, surrogate_n, args.seed, args.data_dir)
-        if args.forget_class is None:
-            args.forget_class = most_predicted(ck, surrogate, device) if args.small else 0
+        classes = parse_classes(args.forget_class) or (
+            [most_predicted(ck, surrogate, device)] if args.small else [0])
         rows, errors = [], []
-        for scenario in scenarios:
+        runs = [s for sc in scenarios
+                for s in ([f"CR {c}" for c in classes] if sc == "CR" else [sc])]
+        for scenario in runs:
             r, e = run_scenario(scenario, ck, bundle, recipe, surrogate, methods, hparams, args,
                                 device)
             rows += r
@@ -195,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Dataset {dataset}, model {ck.model_spec.name}, recipe epochs={recipe.epochs} "
         f"batch={recipe.batch_size} lr={recipe.lr}; surrogate {surrogate_name} "
         f"({len(surrogate)} images); "
-        + (f"CR removes class {args.forget_class}; " if "CR" in scenarios else "")
+        + (f"CR removes class {', '.join(map(str, classes))} (one at a time); "
+           if "CR" in scenarios else "")
         + (f"HR removes {args.fraction:.0%} of the train images; " if "HR" in scenarios else "")
         + f"seed {args.seed}. Original training took "
         f"{common.fmt(train_s, 1)} s (from its sidecar).",

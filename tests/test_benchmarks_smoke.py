@@ -25,6 +25,8 @@ CASES: dict[str, tuple[list[str], str]] = {
         [sys.executable, "benchmarks/bench_vs_retrain.py"],
         "| scenario | method | unlearn s | x retrain | forget acc | retain acc | test acc | AUS |",
     ),
+    "probe_scar": ([sys.executable, "benchmarks/probe_scar.py"],
+                   "| model | forget | retain/test | drop |"),
     "gpu_check": (["bash", "benchmarks/gpu_check.sh"], "| item | seconds | peak MB | details |"),
     "profile_scar": ([sys.executable, "benchmarks/profile_scar.py"],
                      "| phase | seconds | share | calls |"),

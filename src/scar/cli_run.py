@@ -49,14 +49,16 @@ def format_runs(specs, finished: set[str]) -> str:
     """One line per run: id, dataset, model, scenario, forget, seed, method, changed hparams."""
     from scar.experiments.grid import hparams_changed
 
-    head = (f"{'run id':<13}{'dataset':<16}{'model':<12}{'scen':<5}{'forget':<10}{'seed':<5}"
-            f"{'method':<22}hyperparameters (non-default)")
+    rows = [(s.run_id, s.dataset, s.model or "(default)", s.scenario, s.forget_id, str(s.seed),
+             s.method, ", ".join(f"{k}={v}" for k, v in hparams_changed(s).items()) or "-",
+             " (finished)" if s.run_id in finished else "") for s in specs]
+    names = ("run id", "dataset", "model", "scen", "forget", "seed", "method",
+             "hyperparameters (non-default)")
+    # Column widths from the content (a long model name must not run into the next column).
+    widths = [max([len(n), *(len(r[i]) for r in rows)]) + 1 for i, n in enumerate(names[:-1])]
+    head = "".join(n.ljust(w) for n, w in zip(names, widths)) + names[-1]
     lines = [head, "-" * len(head)]
-    for s in specs:
-        changed = ", ".join(f"{k}={v}" for k, v in hparams_changed(s).items()) or "-"
-        done = " (finished)" if s.run_id in finished else ""
-        lines.append(f"{s.run_id:<13}{s.dataset:<16}{s.model or '(default)':<12}"
-                     f"{s.scenario:<5}{s.forget_id:<10}{s.seed:<5}{s.method:<22}{changed}{done}")
+    lines += ["".join(v.ljust(w) for v, w in zip(r, widths)) + r[-2] + r[-1] for r in rows]
     return "\n".join(lines)
 
 

@@ -285,3 +285,15 @@ def test_per_model_dataset_options_on_grey_images(fake_fmnist_dir, tmp_path):
         sidecars[meta["model"]["name"]] = (meta["dataset_options"], meta["input_spec"]["channels"])
     assert sidecars == {"fastcnn": ({"channels": 1}, 1),
                         "tv:mobilenet_v3_small": ({"channels": 3}, 3)}
+
+
+def test_dry_run_columns_fit_long_model_names():
+    from scar.cli_run import format_runs
+    from scar.experiments.grid import expand
+
+    grid = load_grid({**TINY, "model": ["fastcnn", "tv:mobilenet_v3_small"],
+                      "dataset_options": {"channels": 3}})
+    lines = format_runs(expand(grid), set()).splitlines()
+    long = next(line for line in lines if "tv:mobilenet_v3_small" in line)
+    assert "tv:mobilenet_v3_small " in long  # separated from the scenario column
+    assert len({line.index(" CR ") for line in lines[2:]}) == 1  # columns aligned

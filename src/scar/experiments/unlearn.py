@@ -108,7 +108,7 @@ def run_unlearning(ck: Checkpoint, method: Method, data: UnlearnData) -> Unlearn
     """Unlearn (timed: statistics and teacher passes included, evaluation excluded)."""
     model = method.unlearn(ck.model, data)
     info = {k: getattr(method, k)
-            for k in ("stop_reason_", "steps_", "full_checks_", "cover_images_")
+            for k in ("stop_reason_", "steps_", "full_checks_", "cover_images_", "lr_")
             if hasattr(method, k)}
     return UnlearnOutcome(model=model.cpu(), method=method, seconds=method.seconds_,
                           touched=method.access_, profile=access_profile(method, method.access_),

@@ -39,6 +39,7 @@ from scar.methods.base import (
 )
 from scar.methods.mahalanobis import ClassStats, MahalanobisHead
 from scar.methods.statistics import class_statistics
+from scar.methods.step_size import calibrate_lr, sign_step_divergence
 from scar.methods.synthesis import most_probable_per_class, synthesize
 from scar.models.adapter import FeatureModel
 
@@ -47,7 +48,16 @@ log = logging.getLogger(__name__)
 STATS_SOURCES = ("stored", "retain", "surrogate")
 DIVERGENCES = ("kl", "js")
 STOP_CHECKS = ("auto", "epoch", "step")
-DEFAULT_LR = {"CR": 5e-4, "HR": 2e-4}
+#: Function change of the first step (KL nats on held-out surrogate images) that sets the learning
+#: rate when ``lr`` is None (``step_size.py``), per scenario. Measured on Fashion-MNIST with
+#: benchmarks/probe_scar.py (test-split metrics; benchmarks/RESULTS.md): CR 0.1 and
+#: 0.2 both kept every class of fastcnn within 2.6 points of retain-test accuracy and ResNet-18
+#: (classes 0, 3, 7) within 0.5, and 0.2 needs fewer steps (ResNet-18 class 3: 148 vs 196); in HR
+#: (10%, seed 0, fastcnn) 0.01 gives lr ≈ 2.2e-4 (the old HR default) and 0.03 the same test
+#: accuracy (−1.1 points) in half the steps.
+DEFAULT_STEP_KL = {"CR": 0.2, "HR": 0.03}
+#: Held-out surrogate images the step-size probe measures the function change on.
+PROBE_IMAGES = 512
 #: Batch of the stopping checks: small, because a failing check usually ends within its first
 #: batch (the likely-correct images come first), while a larger one would not be faster per
 #: image on a CPU.
@@ -139,9 +149,11 @@ class SCAR(Method):
     name: ClassVar[str] = "scar"
     requires: ClassVar[frozenset[str]] = frozenset({"forget", "surrogate"})
 
-    # None → per scenario: 5e-4 for CR (reference); 2e-4 for HR — measured on Fashion-MNIST
-    # (10% random removal, seed 0): 5e-4 cost 3.2 points of test accuracy, 2e-4 cost 2.9.
+    # None → calibrated from the model: the Adam learning rate whose first step changes the
+    # predictions on held-out surrogate images by step_kl nats (step_size.py). The reference
+    # uses 5e-4 for every model, which wrecks a ResNet-18 within 2 steps.
     lr: float | None = None
+    step_kl: float | None = None  # None → DEFAULT_STEP_KL of the scenario
     weight_decay: float = 0.0
     epochs: int = 30
     # Batches: 64 forget + 128 surrogate images per step, and λ2 = 8, instead of the reference's
@@ -199,6 +211,8 @@ class SCAR(Method):
     def validate(self) -> None:
         if self.lr is not None:
             check_range("lr", self.lr, 0, low_inclusive=False)
+        if self.step_kl is not None:
+            check_range("step_kl", self.step_kl, 0, low_inclusive=False)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
@@ -352,8 +366,9 @@ class SCAR(Method):
         forget_labels = forget.labels.to(dev)
         sur_batches, teacher_target = self.surrogate_source(original, data, surrogate)
         divergence = DIVERGENCE_FNS[self.divergence]
-        lr = self.lr if self.lr is not None else DEFAULT_LR[data.scenario]
-        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=self.weight_decay)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.lr or 0.0, weight_decay=self.weight_decay)
+        self.lr_ = self.lr
         forget_loader = data.loader(forget, self.batch_size, shuffle=True, seed_offset=2)
 
         self.stop_reason_ = "max epochs"
@@ -384,6 +399,10 @@ class SCAR(Method):
                         loss = loss_m + loss_td
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
+                        if self.lr_ is None:  # first step: the step size from the model
+                            self.lr_ = self.calibrate(model, original, params, surrogate, data)
+                            for group in opt.param_groups:
+                                group["lr"] = self.lr_
                         opt.step()
                         step += 1
 
@@ -417,6 +436,34 @@ class SCAR(Method):
         finally:
             bar.close()
             self.steps_ = step
+
+    def calibrate(self, model: nn.Module, original: nn.Module, params: list[nn.Parameter],
+                  surrogate: ImageSet, data: UnlearnData) -> float:
+        """Learning rate whose first Adam step moves the predictions on held-out surrogate
+        images by ``step_kl`` (``step_size.py``); the gradients are the first step's, already
+        in ``p.grad``."""
+        target = self.step_kl if self.step_kl is not None else DEFAULT_STEP_KL[data.scenario]
+        g = torch.Generator().manual_seed(data.seed + 7)
+        idx = torch.randperm(len(surrogate), generator=g)[:PROBE_IMAGES]
+        x = next(iter(data.loader(surrogate.subset(idx), PROBE_IMAGES, shuffle=False))).x
+        with torch.no_grad():
+            t_logits = original(x)
+        # Images of a removed class are meant to change: the probe watches the others.
+        keep = ~torch.isin(t_logits.argmax(1), torch.tensor(data.removed_classes,
+                                                            device=t_logits.device))
+        x, t_logits = x[keep], t_logits[keep]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+        def probe(lr: float) -> float:
+            def kl() -> float:
+                with torch.no_grad():
+                    return float(kl_divergence(t_logits, model(x), 1.0))
+            return sign_step_divergence(model, params, grads, lr, kl)
+
+        lr = calibrate_lr(probe, target)
+        log.info("%s: learning rate %.3g (first step moves surrogate predictions by %.3g nats)",
+                 self.name, lr, target)
+        return lr
 
     def sample_weights(self, correct: torch.Tensor, forget_labels: torch.Tensor,
                        y: torch.Tensor, data: UnlearnData) -> torch.Tensor:
