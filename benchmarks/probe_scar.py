@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", default="0,3,7", help="CR: classes, one run each")
     parser.add_argument("--hr", type=float, default=None, metavar="FRACTION",
                         help="random removal of this fraction instead of class removal")
-    parser.add_argument("--seeds", default="0", help="seeds (HR: one forget set each)")
+    parser.add_argument("--seeds", default="0",
+                        help="seeds of the unlearning call (HR: also one forget set each)")
     parser.add_argument("--surrogate", default=None, help="surrogate source (dataset default)")
     parser.add_argument("--surrogate-n", type=int, default=None)
     parser.add_argument("--log", type=Path, default=None, help="append every row (JSON lines)")
@@ -105,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.small:
         hparams = {"epochs": 1, "surrogate_steps": 1, **hparams}
     seeds = parse_ints(args.seeds, "--seeds")
-    specs = ([ForgetSpec.random(fraction=args.hr, seed=s) for s in seeds] if args.hr else
-             [ForgetSpec.for_classes(c) for c in parse_ints(args.classes, "--classes")])
+    # (forget set, seed of the unlearning call): HR seeds pick the forget set too.
+    specs = ([(ForgetSpec.random(fraction=args.hr, seed=s), s) for s in seeds] if args.hr else
+             [(ForgetSpec.for_classes(c), s) for c in parse_ints(args.classes, "--classes")
+              for s in seeds])
     rows, table = [], []
     with tempfile.TemporaryDirectory(prefix="probe_scar_") as tmp:
         paths = list(args.original)
@@ -117,16 +120,15 @@ def main(argv: list[str] | None = None) -> int:
             ns = argparse.Namespace(small=True, original=None)
             ck, _ = common.load_or_train_original(ns, bundle, device, Path(tmp))
             paths = [ck.path]
-            specs = [ForgetSpec.random(fraction=args.hr, seed=s) for s in seeds] if args.hr \
-                else [ForgetSpec.for_classes(0)]
+            if not args.hr:
+                specs = [(ForgetSpec.for_classes(0), s) for s in seeds]
         for path in paths:
             ck = load_checkpoint(path)
             bundle = load_dataset_for(ck)
             surrogate_name = args.surrogate or ("gaussian-noise" if args.small else None)
             surrogate = None
             pred0, y = predictions(ck.model, bundle.test, ck.input_spec, device)
-            for spec in specs:
-                seed = spec.seed if args.hr else seeds[0]
+            for spec, seed in specs:
                 splits = make_splits(bundle, spec)
                 method = build_method(args.method, **hparams)
                 if surrogate is None and "surrogate" in method.uses():
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     shown = (a_t, a_f)
                 else:
                     cls = spec.classes[0]
-                    row |= {"forget": f"class {cls}",
+                    row |= {"forget": f"class {cls} seed {seed}",
                             **cr_metrics(pred0, pred, y, cls, ck.model_spec.num_classes)}
                     shown = (row["retain_test"], row["forget_test"])
                 rows.append(row)
