@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from scar.methods.step_size import LR_MAX, calibrate_lr, sign_step_divergence
+from scar.methods.step_size import (
+    LR_MAX,
+    calibrate_lr,
+    random_label_gradients,
+    sign_step_divergence,
+)
 
 
 @pytest.mark.parametrize("power", [1.0, 2.0, 3.0])
@@ -76,3 +81,28 @@ def test_sign_step_divergence_moves_by_the_sign_and_restores_exactly():
     assert model.training is True
     assert all(torch.equal(b, p) for b, p in zip(before, params))
     assert torch.equal(model[1].running_mean, running)
+
+
+def test_random_label_gradients_leave_grads_and_mode_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+    model.train()
+    params = list(model.parameters())
+    model(torch.randn(6, 3)).sum().backward()
+    before = [p.grad.clone() for p in params]
+    running = model[1].running_mean.clone()
+    x = torch.randn(32, 3)
+    grads = random_label_gradients(model, params, x, torch.Generator().manual_seed(0))
+    assert all(torch.equal(p.grad, b) for p, b in zip(params, before))
+    assert model.training and torch.equal(model[1].running_mean, running)
+    assert all(g.shape == p.shape for g, p in zip(grads, params))
+    assert float(sum(g.abs().sum() for g in grads)) > 0
+    # the direction lowers the probability of what the model predicts (labels are wrong ones)
+    with torch.no_grad():
+        model.eval()
+        pred = model(x).argmax(1)
+        p0 = model(x).softmax(1)[torch.arange(32), pred].mean()
+        for p, g in zip(params, grads):
+            p.sub_(1e-2 * g)
+        p1 = model(x).softmax(1)[torch.arange(32), pred].mean()
+    assert p1 < p0

@@ -90,3 +90,29 @@ def calibrate_lr(probe: Callable[[float], float], target_kl: float, *,
             return float(math.exp(math.log(lo) + (math.log(target_kl) - math.log(klo)) / slope))
         lr, kl = nxt, kl_next
     return lr
+
+
+def random_label_gradients(model: nn.Module, params: Sequence[nn.Parameter], x: torch.Tensor,
+                           generator: torch.Generator) -> list[torch.Tensor]:
+    """Gradients of the cross-entropy of ``model(x)`` towards random *wrong* labels (each image
+    a class other than the one the model predicts), in eval mode.
+
+    A class-independent direction that moves every decision boundary at once: the step size it
+    calibrates is the model's, whatever is being forgotten. ``p.grad`` is left as it was.
+    """
+    saved = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        with eval_mode(model), torch.enable_grad():
+            logits = model(x)
+            c = logits.shape[1]
+            shift = torch.randint(1, c, (len(x),), generator=generator).to(logits.device)
+            wrong = (logits.detach().argmax(1) + shift) % c
+            torch.nn.functional.cross_entropy(logits, wrong).backward()
+        return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                for p in params]
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
