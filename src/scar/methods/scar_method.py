@@ -157,8 +157,9 @@ class SCAR(Method):
     requires: ClassVar[frozenset[str]] = frozenset({"forget", "surrogate"})
 
     # None → calibrated from the model: the Adam learning rate whose first step changes the
-    # predictions on held-out surrogate images by step_kl nats (step_size.py). The reference
-    # uses 5e-4 for every model, which wrecks a ResNet-18 within 2 steps.
+    # predictions on held-out surrogate images by step_kl nats, at most STEP_CAP times the rate
+    # along random wrong labels (calibrate, step_size.py). The reference uses 5e-4 for every
+    # model, which wrecks a ResNet-18 within 2 steps.
     lr: float | None = None
     step_kl: float | None = None  # None → DEFAULT_STEP_KL of the scenario
     weight_decay: float = 0.0

@@ -19,6 +19,11 @@ at 1e-4 at most 0.3. So instead of one learning rate for every model, SCAR fixes
 change* of a step: :func:`calibrate_lr` finds the learning rate whose first Adam step (the sign of
 the first gradient) moves the predictions on held-out surrogate images by ``target_kl`` nats (KL
 from the original's softmax). It costs a handful of forward passes over those images.
+
+SCAR caps that rate at a multiple of the one found along :func:`random_label_gradients`, a
+direction that does not depend on the removed class: the first step's own direction can hurt kept
+classes the surrogate images barely show, which the probe then cannot see (ResNet-18, class 9:
+uncapped 4.0e-4 lost 11.4 points of retain-test accuracy in 2 steps; capped 1.8e-4, 0.2).
 """
 
 from __future__ import annotations
