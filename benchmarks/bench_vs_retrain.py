@@ -75,17 +75,6 @@ def forget_spec(scenario: str, args: argparse.Namespace) -> ForgetSpec:
     return ForgetSpec.random(fraction=args.fraction, seed=0)
 
 
-def parse_classes(text: str | None) -> list[int] | None:
-    """``--forget-class`` "0" or "0,3,7" → [0] / [0, 3, 7]; None stays None."""
-    if text is None:
-        return None
-    try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError:
-        raise SystemExit(
-            f"--forget-class takes class ids separated by commas; got {text!r}") from None
-
-
 @torch.no_grad()
 def most_predicted(ck, images, device: torch.device) -> int:
     """The class the original model predicts most often on ``images``."""
@@ -111,6 +100,7 @@ def retrain_oracle(ck, splits, recipe, device: torch.device, seed: int):
 
 def run_scenario(scenario: str, ck, bundle, recipe, surrogate, methods: list[str],
                  hparams: dict[str, dict[str, Any]], args, device) -> tuple[list[list], list[str]]:
+    kind = scenario.split()[0]  # "CR" or "HR"
     splits = make_splits(bundle, forget_spec(scenario, args))
     with common.phase(f"{scenario}: retraining the oracle ({recipe.epochs} epochs)"):
         oracle, retrain_s = retrain_oracle(ck, splits, recipe, device, args.seed)
@@ -119,7 +109,7 @@ def run_scenario(scenario: str, ck, bundle, recipe, surrogate, methods: list[str
     steps: dict[str, str] = {}
     errors: list[str] = []
     for name in methods:
-        if scenario.split()[0] not in METHODS.get(name).scenarios:
+        if kind not in METHODS.get(name).scenarios:
             continue  # scar_self_forget: class removal only
         try:
             method = build_method(name, **hparams.get(name, {}))
@@ -137,10 +127,9 @@ def run_scenario(scenario: str, ck, bundle, recipe, surrogate, methods: list[str
         seconds[name] = outcome.seconds
         steps[name] = str(outcome.info.get("steps_", len(method.history_)))
     with common.phase(f"{scenario}: audit of {len(models)} models"):
-        metrics, _ = audit_models(models, splits, ck.input_spec, scenario.split()[0],
-                                  device=device,
+        metrics, _ = audit_models(models, splits, ck.input_spec, kind, device=device,
                                   mia=False, seed=args.seed)
-    a_t = AUS_KEYS[scenario.split()[0]]["a_t"]
+    a_t = AUS_KEYS[kind]["a_t"]
     rows = []
     for name in ["original", "retrain", *methods]:
         if name not in seconds and name != "original":
@@ -205,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 bundle = load_dataset(dataset, data_dir=args.data_dir)
         ck, recipe = common.load_or_train_original(args, bundle, device, work_dir)
         surrogate = load_surrogate_for(ck, surrogate_name, surrogate_n, args.seed, args.data_dir)
-        classes = parse_classes(args.forget_class) or (
+        classes = (args.forget_class and common.parse_int_list(args.forget_class,
+                                                               "--forget-class")) or (
             [most_predicted(ck, surrogate, device)] if args.small else [0])
         rows, errors = [], []
         runs = [s for sc in scenarios

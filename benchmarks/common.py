@@ -347,6 +347,14 @@ def load_or_train_original(args: argparse.Namespace, bundle, device: torch.devic
     return load_checkpoint(path), recipe
 
 
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """``"0,3,7"`` → [0, 3, 7]; anything else exits naming ``flag``."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"{flag} takes integers separated by commas; got {text!r}") from None
+
+
 def parse_sets(items: Sequence[str]) -> dict[str, dict[str, str]]:
     """``--set method.key=value`` items → {method: {key: value}} (values coerced later)."""
     out: dict[str, dict[str, str]] = {}

@@ -35,6 +35,7 @@ from scar.checkpoint import load_checkpoint
 from scar.data.base import BatchLoader
 from scar.data.datasets import load_dataset
 from scar.data.forget import ForgetSpec, make_splits
+from scar.evaluation.aus import aus
 from scar.evaluation.outputs import compute_outputs
 from scar.experiments.unlearn import (
     build_unlearn_data,
@@ -47,13 +48,6 @@ from scar.utils import seed_everything
 
 HEADERS = ["model", "forget", "retain/test", "drop", "forget-test / train-forget", "AUS",
            "seconds", "steps", "lr"]
-
-
-def parse_ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"{flag} takes integers separated by commas; got {text!r}") from None
 
 
 @torch.no_grad()
@@ -75,7 +69,7 @@ def cr_metrics(pred0, pred, y, cls: int, num_classes: int) -> dict:
     per_class = [round(100 * (accuracy(pred, y, y == k) - accuracy(pred0, y, y == k)), 1)
                  for k in range(num_classes)]
     return {"a_or": a_or, "retain_test": a_t, "forget_test": a_f,
-            "aus": (1 - (a_or - a_t)) / (1 + a_f), "class_change": per_class}
+            "aus": aus("CR", a_or, a_t, a_f), "class_change": per_class}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--set expects KEY=VALUE")
     if args.small:
         hparams = {"epochs": 1, "surrogate_steps": 1, **hparams}
-    seeds = parse_ints(args.seeds, "--seeds")
+    seeds = common.parse_int_list(args.seeds, "--seeds")
     # (forget set, seed of the unlearning call): HR seeds pick the forget set too.
+    classes = common.parse_int_list(args.classes, "--classes")
     specs = ([(ForgetSpec.random(fraction=args.hr, seed=s), s) for s in seeds] if args.hr else
-             [(ForgetSpec.for_classes(c), s) for c in parse_ints(args.classes, "--classes")
-              for s in seeds])
+             [(ForgetSpec.for_classes(c), s) for c in classes for s in seeds])
     rows, table = [], []
     with tempfile.TemporaryDirectory(prefix="probe_scar_") as tmp:
         paths = list(args.original)
@@ -151,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                     row |= {"forget": f"HR {args.hr:g} seed {seed}", "a_or": a_or,
                             "test": a_t, "train_forget": a_f,
                             "train_forget_before": accuracy(fp0, fy),
-                            "aus": (1 - (a_or - a_t)) / (1 + abs(a_f - a_t))}
+                            "aus": aus("HR", a_or, a_t, a_f)}
                     shown = (a_t, a_f)
                 else:
                     cls = spec.classes[0]
