@@ -59,7 +59,7 @@ STOP_CHECKS = ("auto", "epoch", "step")
 #: and 0.2 both kept every class of fastcnn within 2.6 points of retain-test accuracy and a
 #: 3-epoch ResNet-18 (classes 0, 3, 7) within 0.5; 0.2 needs fewer steps (its class 3: 148 vs
 #: 196). HR (10%,
-#: seed 0) needs a far smaller change: on ResNet-18 0.03 (lr 1.1e-4) cost 7.8 points of test
+#: seed 0) needs a far smaller change: on that ResNet-18 0.03 (lr 1.1e-4) cost 7.8 points of test
 #: accuracy, 0.003 (lr 3.4e-5) 1.9; on fastcnn both cost 1.1 (0.003: lr 1.2e-4, 61 steps).
 DEFAULT_STEP_KL = {"CR": 0.2, "HR": 0.003}
 #: Held-out surrogate images the step-size probe measures the function change on (and as many
