@@ -33,6 +33,7 @@ from scar.methods.base import (
     UnlearnData,
     check_below,
     cycle,
+    fused_if_supported,
     register,
     set_bn_train,
     stop_target,
@@ -165,6 +166,13 @@ class SCAR(Method):
     lr: float | None = None
     step_kl: float | None = None  # None → DEFAULT_STEP_KL of the scenario
     weight_decay: float = 0.0
+    # Adam's second-moment decay. The reference keeps torch's 0.999, whose ~1000-step memory of
+    # the large first gradients shrinks every later step as the gradients shrink, so the last
+    # few percent of the forget set take most of the run. With 0.9 the step stays near lr:
+    # Fashion-MNIST class 3 (seed 0, test split) needed 99 steps instead of 157 on ResNet-18
+    # (retain drop -0.19 vs -0.13 points, forget-test 0.9% vs 1.5%) and 41 instead of 64 on
+    # fastcnn (drop 1.02 vs 0.98); 0.99 gave 141 on ResNet-18. benchmarks/fmnist_arch_panel.
+    beta2: float = 0.9
     epochs: int = 30
     # Batches: 64 forget + 128 surrogate images per step, and λ2 = 8, instead of the reference's
     # 1024 + 1024 and λ2 = 5. Adam needs about as many steps whatever the batch, so a step's
@@ -224,6 +232,7 @@ class SCAR(Method):
         if self.step_kl is not None:
             check_range("step_kl", self.step_kl, 0, low_inclusive=False)
         check_range("weight_decay", self.weight_decay, 0)
+        check_range("beta2", self.beta2, 0, 1, high_inclusive=False)
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
         if self.surrogate_batch_size is not None:
@@ -377,7 +386,8 @@ class SCAR(Method):
         sur_batches, teacher_target = self.surrogate_source(original, data, surrogate)
         divergence = DIVERGENCE_FNS[self.divergence]
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr or 0.0, weight_decay=self.weight_decay)
+        opt = torch.optim.Adam(params, lr=self.lr or 0.0, betas=(0.9, self.beta2),
+                               weight_decay=self.weight_decay, **fused_if_supported(params))
         self.lr_ = self.lr
         forget_loader = data.loader(forget, self.batch_size, shuffle=True, seed_offset=2)
 
