@@ -234,7 +234,8 @@ def test_proxy_synthesis_moves_proxies_to_the_removed_class(target, tiny_model, 
         with torch.no_grad():
             return float((teacher.logits(x).argmax(1) == 1).float().mean())
 
-    plain = build_method("scar_self_forget", min_proxies=128, max_proxies=None, synth_steps=0)
+    plain = build_method("scar_self_forget", min_proxies=128, max_proxies=None, synth_steps=0,
+                         replay_steps=0)
     forget, rest, _ = plain.prepare(teacher, data)
     assert len(forget) == 128 and len(rest) == len(noise) - 128
     assert plain.access_note() is None  # the reference reads no removed-class statistics
@@ -263,6 +264,52 @@ def test_sampled_synthesis_points_spread_like_the_class(tiny_model, synth, cr_sp
     spread_real = (1 - real @ mean_dir).mean()
     spread_sampled = (1 - a @ mean_dir).mean()
     assert 0.5 < float(spread_sampled / spread_real) < 2.0
+
+
+def test_head_replay_forgets_the_removed_region_and_keeps_the_others():
+    """Known answer in 2-D (δ = 1, so Tukey space is feature space): three well-separated
+    Gaussians and a teacher head that classifies them. After the replay fit the head assigns
+    the removed class's region to another class and still agrees with the teacher elsewhere."""
+    from scar.methods.mahalanobis import ClassStats
+    from scar.methods.self_forget import fit_head_on_replay
+
+    means = torch.tensor([[4.0, 0.0], [0.0, 4.0], [-4.0, -4.0]], dtype=torch.float64)
+    covs = torch.eye(2, dtype=torch.float64).expand(3, 2, 2).clone() * 0.25
+    stats = ClassStats(means, covs, torch.full((3,), 100), torch.arange(3), delta=1.0)
+    teacher = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        teacher.weight.copy_(means.float())
+        teacher.bias.copy_(-0.5 * (means ** 2).sum(1).float())
+    head = torch.nn.Linear(2, 3)
+    head.load_state_dict(teacher.state_dict())
+    still = fit_head_on_replay(head, teacher, stats, (1,), steps=200, per_class=64, lr=0.05,
+                               g=torch.Generator().manual_seed(0))
+    assert still == 0.0
+    g = torch.Generator().manual_seed(1)
+    kept = means[[0, 2]].float().repeat_interleave(200, 0) + 0.5 * torch.randn(400, 2, generator=g)
+    with torch.no_grad():
+        assert (head(kept).argmax(1) == teacher(kept).argmax(1)).float().mean() > 0.97
+        assert not torch.equal(head.weight, teacher.weight)
+
+
+def test_self_forget_replay_changes_only_the_head(tiny_model, synth, cr_splits, surrogate,
+                                                  stats):
+    """Same seed, with and without head replay: only the head's parameters differ, and the
+    real removed-class images (never read by the method) are predicted as it less often."""
+    data = make_data(synth, cr_splits, surrogate, stats)
+    off = build_method("scar_self_forget", **fast("scar_self_forget"), replay_steps=0)
+    on = build_method("scar_self_forget", **fast("scar_self_forget"), replay_steps=100)
+    a, b = off.unlearn(tiny_model, data), on.unlearn(tiny_model, data)
+    head = FeatureModel(tiny_model).head_name
+    differ = {k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])}
+    assert differ and all(k.startswith(head + ".") for k in differ)
+    assert on.replay_still_ == 0.0 and off.replay_still_ is None
+    assert "head replay" in access_profile(on) and "head replay" not in access_profile(off)
+    x = next(iter(data.loader(cr_splits.train_forget, 1024, shuffle=False))).x
+    with torch.no_grad():
+        rate = [float((m.eval()(x).argmax(1) == 1).float().mean()) for m in (a, b)]
+    assert rate[1] < rate[0] or rate[1] == 0.0
+    assert rate[1] <= 0.05
 
 
 def test_surrogate_statistics_group_by_prediction(tiny_model, synth, cr_splits, surrogate):

@@ -16,6 +16,7 @@ from scar.methods.mahalanobis import (
     StatsAccumulator,
     correlation_normalize,
     direct_distances,
+    inverse_tukey,
     precision_factors,
     precision_matrices,
     shrink,
@@ -70,6 +71,16 @@ def test_tukey_power_identity_and_negatives():
         tukey(neg, 0.5, mode="bogus")
     with pytest.raises(ConfigError):
         tukey(neg, 0.0)
+
+
+def test_inverse_tukey_undoes_tukey():
+    f = torch.tensor([-9.0, -0.25, 0.0, 0.25, 4.0], dtype=F64)
+    assert torch.allclose(inverse_tukey(tukey(f, 0.5), 0.5), f)
+    assert torch.allclose(inverse_tukey(tukey(f, 0.5, mode="clamp"), 0.5, mode="clamp"),
+                          f.clamp_min(0))
+    # A draw below 0 in clamp space maps to a zero feature (ReLU features are never negative).
+    assert inverse_tukey(torch.tensor([-1.0]), 0.5, mode="clamp").item() == 0.0
+    assert torch.allclose(inverse_tukey(tukey(f, 2.0), 2.0), f)
 
 
 @pytest.mark.parametrize("mode", ["signed", "clamp"])

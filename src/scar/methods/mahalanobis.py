@@ -86,6 +86,17 @@ def tukey(f: Tensor, delta: float, mode: str = "signed", eps: float = TUKEY_EPS)
     return torch.where(a < eps, linear, power)
 
 
+def inverse_tukey(g: Tensor, delta: float, mode: str = "signed") -> Tensor:
+    """Features whose Tukey transform is ``g``: ``sign(g)·|g|^(1/δ)`` (``signed``) or
+    ``max(g, 0)^(1/δ)`` (``clamp``, whose features are never negative). Inverts :func:`tukey`
+    away from its linearised ``|f| < eps`` band."""
+    check_range("delta", delta, 0.0, None, low_inclusive=False)
+    check_choice("tukey mode", mode, TUKEY_MODES)
+    if mode == "clamp":
+        g = g.clamp_min(0.0)
+    return torch.sign(g) * g.abs().pow(1.0 / delta)
+
+
 # --------------------------------------------------------------------------------------------
 # Class statistics
 # --------------------------------------------------------------------------------------------

@@ -371,6 +371,7 @@ class SCAR(Method):
         example = next(iter(data.loader("surrogate", 2, shuffle=False))).x
         student = FeatureModel(model, head=data.head, example=example)
         teacher = FeatureModel(original, head=student.head_name)
+        self.head_name_ = student.head_name
         forget, surrogate, target_acc = self.prepare(teacher, data)
         head = self.build_head(self.class_stats(teacher, data), dev)
         self.cover_images_ = 0

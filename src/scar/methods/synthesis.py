@@ -32,18 +32,37 @@ def _pixel_stats(spec: InputSpec, device: torch.device) -> tuple[torch.Tensor, t
     return mean, std
 
 
+class GaussianSampler:
+    """Draws from the stored class Gaussians N(μ_c, Σ_c), in the statistics' Tukey space
+    (float64, unnormalised); each class's Cholesky factor is computed once."""
+
+    def __init__(self, stats):
+        self.stats = stats
+        self._chol: dict[int, torch.Tensor] = {}
+
+    def chol(self, c: int) -> torch.Tensor:
+        if c not in self._chol:
+            cov = self.stats.covs[c].to(torch.float64)
+            # A small ridge keeps the factor defined for a rank-deficient covariance.
+            ridge = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12))
+            self._chol[c] = torch.linalg.cholesky(
+                cov + ridge * torch.eye(self.stats.dim, dtype=cov.dtype))
+        return self._chol[c]
+
+    def draw(self, labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """One point per label."""
+        out = torch.empty(len(labels), self.stats.dim, dtype=torch.float64)
+        for c in torch.unique(labels).tolist():
+            rows = (labels == c).nonzero().squeeze(1)
+            z = torch.randn(len(rows), self.stats.dim, generator=g, dtype=torch.float64)
+            out[rows] = self.stats.means[c].to(torch.float64) + z @ self.chol(c).T
+        return out
+
+
 def sample_points(stats, labels: torch.Tensor, head, g: torch.Generator) -> torch.Tensor:
     """One point per label, drawn from the class's stored Gaussian N(μ_c, Σ_c) in Tukey space
     and embedded like features (L2-normalised): targets that spread like the class."""
-    out = torch.empty(len(labels), stats.dim, dtype=torch.float64)
-    for c in torch.unique(labels).tolist():
-        rows = (labels == c).nonzero().squeeze(1)
-        cov = stats.covs[c].to(torch.float64)
-        # A small ridge keeps the Cholesky factor defined for a rank-deficient covariance.
-        ridge = 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12))
-        chol = torch.linalg.cholesky(cov + ridge * torch.eye(stats.dim, dtype=cov.dtype))
-        z = torch.randn(len(rows), stats.dim, generator=g, dtype=torch.float64)
-        out[rows] = stats.means[c].to(torch.float64) + z @ chol.T
+    out = GaussianSampler(stats).draw(labels, g)
     return torch.nn.functional.normalize(out, dim=-1).to(head.means.dtype)
 
 
