@@ -294,22 +294,26 @@ def test_head_replay_forgets_the_removed_region_and_keeps_the_others():
 
 def test_self_forget_replay_changes_only_the_head(tiny_model, synth, cr_splits, surrogate,
                                                   stats):
-    """Same seed, with and without head replay: only the head's parameters differ, and the
-    real removed-class images (never read by the method) are predicted as it less often."""
+    """With head replay the proxies are forgotten before the loop starts, so no loop step
+    runs and only the head differs from the original; the real removed-class images (never
+    read by the method) are no longer predicted as it, while without replay the loop runs."""
     data = make_data(synth, cr_splits, surrogate, stats)
     off = build_method("scar_self_forget", **fast("scar_self_forget"), replay_steps=0)
     on = build_method("scar_self_forget", **fast("scar_self_forget"), replay_steps=100)
-    a, b = off.unlearn(tiny_model, data), on.unlearn(tiny_model, data)
+    off.unlearn(tiny_model, data)
+    b = on.unlearn(tiny_model, data)
     head = FeatureModel(tiny_model).head_name
-    differ = {k for k, v in a.state_dict().items() if not torch.equal(v, b.state_dict()[k])}
+    orig = tiny_model.state_dict()
+    differ = {k for k, v in b.state_dict().items() if not torch.equal(v, orig[k])}
+    assert on.steps_ == 0 and off.steps_ > 0
     assert differ and all(k.startswith(head + ".") for k in differ)
     assert on.replay_still_ == 0.0 and off.replay_still_ is None
     assert "head replay" in access_profile(on) and "head replay" not in access_profile(off)
     x = next(iter(data.loader(cr_splits.train_forget, 1024, shuffle=False))).x
     with torch.no_grad():
-        rate = [float((m.eval()(x).argmax(1) == 1).float().mean()) for m in (a, b)]
-    assert rate[1] < rate[0] or rate[1] == 0.0
-    assert rate[1] <= 0.05
+        before = float((tiny_model.eval()(x).argmax(1) == 1).float().mean())
+        after = float((b.eval()(x).argmax(1) == 1).float().mean())
+    assert before > 0.9 and after <= 0.05
 
 
 def test_surrogate_statistics_group_by_prediction(tiny_model, synth, cr_splits, surrogate):

@@ -366,12 +366,7 @@ class SCAR(Method):
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
         torch.manual_seed(data.seed)
         dev = data.device
-        # The head check needs one example batch: take it from the surrogate images, which both
-        # SCAR variants read anyway (self-forget must not touch a single forget image).
-        example = next(iter(data.loader("surrogate", 2, shuffle=False))).x
-        student = FeatureModel(model, head=data.head, example=example)
-        teacher = FeatureModel(original, head=student.head_name)
-        self.head_name_ = student.head_name
+        student, teacher = self.wrap(model, original, data)
         forget, surrogate, target_acc = self.prepare(teacher, data)
         head = self.build_head(self.class_stats(teacher, data), dev)
         self.cover_images_ = 0
@@ -394,6 +389,9 @@ class SCAR(Method):
 
         self.stop_reason_ = "max epochs"
         self.full_checks_ = 0
+        self.steps_ = 0
+        if self.done_before_start(model, data, forget, targets, target_acc):
+            return model
         pooled = PooledAccuracy(self.stop_window)
         steps = self.epochs * len(forget_loader) * self.surrogate_steps
         bar = tqdm(total=steps, desc=self.name, disable=not data.progress, dynamic_ncols=True,
@@ -457,6 +455,21 @@ class SCAR(Method):
         finally:
             bar.close()
             self.steps_ = step
+
+    def wrap(self, model: nn.Module, original: nn.Module, data: UnlearnData
+             ) -> tuple[FeatureModel, FeatureModel]:
+        """(student, teacher) feature wrappers; the head is found (and checked) once."""
+        # The head check needs one example batch: take it from the surrogate images, which both
+        # SCAR variants read anyway (self-forget must not touch a single forget image).
+        example = next(iter(data.loader("surrogate", 2, shuffle=False))).x
+        student = FeatureModel(model, head=data.head, example=example)
+        return student, FeatureModel(original, head=student.head_name)
+
+    def done_before_start(self, model: nn.Module, data: UnlearnData, forget: ImageSet,
+                          targets: TargetCache, target: float) -> bool:
+        """Whether the stopping rule already holds before the first step (never for SCAR:
+        the original model knows its forget set; self-forget after its head replay may)."""
+        return False
 
     def calibrate(self, model: nn.Module, original: nn.Module, params: list[nn.Parameter],
                   surrogate: ImageSet, data: UnlearnData) -> float:
