@@ -297,3 +297,38 @@ def test_dry_run_columns_fit_long_model_names():
     long = next(line for line in lines if "tv:mobilenet_v3_small" in line)
     assert "tv:mobilenet_v3_small " in long  # separated from the scenario column
     assert len({line.index(" CR ") for line in lines[2:]}) == 1  # columns aligned
+
+
+def _append_rows(path: str, ids: list[str]) -> None:
+    store = ResultsStore(path)
+    for run_id in ids:
+        store.append({k: None for k in ROW_KEYS} | {"run_id": run_id, "status": "ok"})
+
+
+def test_concurrent_writers_lose_no_row_and_duplicate_none(tmp_path):
+    """Three processes append to one store at once: two with disjoint runs, one repeating
+    some runs of the first (a sweep started twice). Every run appears exactly once."""
+    import multiprocessing as mp
+
+    first = [f"a{i:011d}" for i in range(40)]
+    second = [f"b{i:011d}" for i in range(40)]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append_rows, args=(str(tmp_path), ids))
+             for ids in (first, second, first[::-1])]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    ids = [r["run_id"] for r in ResultsStore(tmp_path).rows()]
+    assert len(ids) == len(set(ids)) == 80 and set(ids) == set(first) | set(second)
+
+
+def test_a_failed_row_after_an_ok_one_is_not_appended(tmp_path):
+    store = ResultsStore(tmp_path)
+    row = {k: None for k in ROW_KEYS} | {"run_id": "a" * 12, "status": "failed"}
+    assert store.append(row)  # a failed run ...
+    assert store.append(row | {"status": "ok"})  # ... retried and finished
+    assert not store.append(row | {"status": "ok"})  # another process finished it too
+    assert not store.append(row)  # or failed at it
+    assert [r["status"] for r in store.rows()] == ["failed", "ok"]

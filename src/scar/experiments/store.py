@@ -14,19 +14,26 @@ Row schema (reports rely on these keys)::
     device, device_name, versions {...}, finished_at (ISO 8601, UTC)
 
 Appending is atomic: the existing bytes plus the new line are written to a temporary file in the
-same folder, fsynced and renamed over the file, so a crash (or Ctrl-C) leaves either the old or
-the new file, never half a row. That costs O(size of the file) per append; a results file holds
-one short line per run (a few hundred bytes), so even 10,000 runs rewrite a few MB per append,
-negligible next to a run that trains or unlearns a model. Only one process (the sweep's driver)
-writes a store. A truncated last line (a file written by other means, or a copy cut short) is
-skipped with a warning when reading and dropped by the next append.
+same folder, fsynced and renamed over the file, so a crash (or Ctrl-C, or kill -9) leaves either
+the old or the new file, never half a row. That costs O(size of the file) per append; a results
+file holds one short line per run (a few hundred bytes), so even 10,000 runs rewrite a few MB per
+append, negligible next to a run that trains or unlearns a model. A truncated last line (a file
+written by other means, or a copy cut short) is skipped with a warning when reading and dropped
+by the next append.
+
+Several processes may write one store (e.g. ``scar run`` split with ``--only``, or the same sweep
+started twice): each append holds an exclusive lock (``flock`` on ``results.jsonl.lock``, released
+by the kernel if the process dies) around its read-rename, so no process rewrites the file over
+another's row; and a row whose run already has an "ok" row is not appended again, so a run
+that two processes both finished appears once (the first "ok" row wins).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +75,38 @@ class ResultsStore:
         """Ids with a row of status "ok" (failed runs are retried by a rerun)."""
         return {row["run_id"] for row in self.rows() if row.get("status") == "ok"}
 
-    def append(self, row: dict[str, Any]) -> None:
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive lock of the store among processes on this machine (no-op where ``fcntl``
+        is missing, e.g. Windows: there, one writer per store)."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX
+            yield
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def append(self, row: dict[str, Any]) -> bool:
+        """Append ``row``; False (nothing written) when its run already has an "ok" row."""
         check_row(row)
         line = json.dumps(row, sort_keys=True, default=_json_default).encode("utf-8") + b"\n"
-        existing = self.path.read_bytes() if self.path.exists() else b""
+        with self.locked():
+            existing = self.path.read_bytes() if self.path.exists() else b""
+            if any(r.get("status") == "ok" and r["run_id"] == row["run_id"]
+                   for r in parse_rows(existing, str(self.path))):
+                log.info("%s: run %s already has an ok row (another process); not appended",
+                         self.path, row["run_id"])
+                return False
+            self._write(existing, line)
+        return True
+
+    def _write(self, existing: bytes, line: bytes) -> None:
         if existing and not existing.endswith(b"\n"):
             cut = existing.rfind(b"\n") + 1
             if _is_row(existing[cut:]):  # a whole row that only lacks its newline
