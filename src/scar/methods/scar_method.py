@@ -168,10 +168,10 @@ class SCAR(Method):
     weight_decay: float = 0.0
     # Adam's second-moment decay. The reference keeps torch's 0.999, whose ~1000-step memory of
     # the large first gradients shrinks every later step as the gradients shrink, so the last
-    # few percent of the forget set take most of the run. With 0.9 the step stays near lr:
-    # Fashion-MNIST class 3 (seed 0, test split) needed 99 steps instead of 157 on ResNet-18
-    # (retain drop -0.19 vs -0.13 points, forget-test 0.9% vs 1.5%) and 41 instead of 64 on
-    # fastcnn (drop 1.02 vs 0.98); 0.99 gave 141 on ResNet-18. benchmarks/fmnist_arch_panel.
+    # few percent of the forget set took most of the run. With 0.9 the step stays near lr:
+    # Fashion-MNIST class 3 (seed 0, test split, benchmarks/fmnist_arch_panel) took 116 steps
+    # instead of 157 on ResNet-18 (retain drop 0.18 vs -0.13 points) and 40 instead of 64 on
+    # fastcnn (1.18 vs 0.98); 0.99 gave 141 on ResNet-18.
     beta2: float = 0.9
     epochs: int = 30
     # Batches: 64 forget + 128 surrogate images per step, and λ2 = 8, instead of the reference's
