@@ -7,6 +7,7 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 
 
@@ -49,6 +50,10 @@ class MissingRequirementError(ConfigError):
     """A method was called without data it requires (e.g. a forget set)."""
 
 
+class DivergedError(ScarError):
+    """A run produced non-finite (NaN / inf) weights; nothing of it may be saved as a result."""
+
+
 class OptionalDependencyError(ScarError, ImportError):
     """An optional extra (timm, ray, scikit-image) is needed but not installed."""
 
@@ -69,9 +74,13 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> None:
-    """Raise ConfigError unless ``low <= value <= high`` (bounds optional / exclusive)."""
+    """Raise ConfigError unless ``value`` is a finite number with ``low <= value <= high``
+    (bounds optional / exclusive). NaN and ±inf are refused whatever the bounds: a NaN passes
+    every comparison, and no setting of this toolkit means anything at infinity."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{name} must be a number; got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}.")
     bad_low = low is not None and (value < low if low_inclusive else value <= low)
     bad_high = high is not None and (value > high if high_inclusive else value >= high)
     if bad_low or bad_high:

@@ -108,6 +108,23 @@ def test_bad_hyperparameters_are_refused(name):
         build_method(name, **{numeric[0]: -1})
 
 
+@pytest.mark.parametrize("name", METHODS.names())
+def test_non_finite_numbers_are_refused(name):
+    """NaN passes every comparison and inf every lower bound: each numeric setting of each
+    method refuses both (a `--set lambda_1=nan` once ran and saved NaN weights)."""
+    import dataclasses
+
+    cls = METHODS.get(name)
+    numeric = [f.name for f in dataclasses.fields(cls)
+               if isinstance(f.default, (int, float)) and not isinstance(f.default, bool)
+               or "float" in str(f.type)]
+    assert numeric
+    for field in numeric:
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ConfigError, match=field):
+                build_method(name, **{field: bad})
+
+
 @pytest.mark.parametrize("extra", [{}, {"cover_per_class": 8, "cover_steps": 5}],
                          ids=["plain", "cover"])
 def test_stored_statistics_read_no_retain_image(extra, tiny_model, synth, cr_splits, surrogate,
@@ -394,3 +411,14 @@ def test_uncovered_kept_classes_are_named_in_a_warning_when_lopsided(synth, cr_s
 def test_bad_cover_settings_are_refused(key, value):
     with pytest.raises(ConfigError, match=key):
         build_method("scar", **{key: value})
+
+
+@pytest.mark.parametrize("name,lr", [("scar", 1e30), ("negative_gradient", 1e30)])
+def test_a_diverged_run_is_an_error_not_a_result(name, lr, tiny_model, synth, cr_splits,
+                                                 surrogate, stats):
+    from scar.errors import DivergedError
+
+    data = make_data(synth, cr_splits, surrogate, stats)
+    method = build_method(name, **fast(name), lr=lr)
+    with pytest.raises(DivergedError, match=f"{name} diverged.*NaN or inf"):
+        method.unlearn(tiny_model, data)

@@ -52,3 +52,22 @@ def test_resnet18_training_step_on_cifar_shaped_data():
     opt.step()
     assert torch.isfinite(loss)
     assert not torch.equal(before, model.fc.weight)
+
+
+@pytest.mark.parametrize("field", ["lr", "momentum", "weight_decay", "label_smoothing"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_recipe_refuses_non_finite_numbers(field, bad):
+    """`scar train --set lr=nan` once trained and saved NaN weights."""
+    with pytest.raises(ConfigError, match=field):
+        Recipe().with_overrides({field: bad})
+
+
+def test_diverged_training_is_an_error(synth, tiny_spec):
+    from scar.errors import DivergedError
+
+    torch.manual_seed(0)
+    model = build_model(tiny_spec)
+    recipe = Recipe(epochs=1, batch_size=64, lr=1e30, momentum=0.0, schedule="constant")
+    with pytest.raises(DivergedError, match="training.*diverged after 1 epochs"):
+        train_model(model, synth.train, synth.info.input_spec, recipe, device="cpu",
+                    progress=False)

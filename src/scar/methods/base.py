@@ -25,7 +25,7 @@ from torch import nn
 
 from scar.data.base import BatchLoader, ImageSet, InputSpec, SubsetImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice
-from scar.models.base import channels_last, eval_mode
+from scar.models.base import channels_last, check_finite, eval_mode
 from scar.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class Method:
             torch.cuda.synchronize(data.device)
         self.seconds_ = time.perf_counter() - start
         self.access_ = data.touched()
+        check_finite(new, self.name, f"after {len(self.history_)} recorded steps")
         new.eval()
         return new
 

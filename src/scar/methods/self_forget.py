@@ -160,6 +160,7 @@ class SCARSelfForget(SCAR):
 
     def validate(self) -> None:
         super().validate()
+        check_range("min_forget_images", self.min_forget_images, 1)
         check_range("min_proxies", self.min_proxies, 0)
         if self.max_proxies is not None:
             check_range("max_proxies", self.max_proxies, 1)

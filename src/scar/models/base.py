@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from scar.errors import DivergedError
 from scar.registry import Registry
 
 #: name → builder(num_classes, channels, size, **kwargs) -> nn.Module.
@@ -44,6 +45,20 @@ def build_model(spec: ModelSpec) -> nn.Module:
     args = (arg,) if arg is not None else ()
     return builder(*args, num_classes=spec.num_classes, channels=spec.channels, size=spec.size,
                    **spec.kwargs)
+
+
+def check_finite(model: nn.Module, what: str, progress: str) -> None:
+    """Raise DivergedError when a parameter or buffer of ``model`` holds NaN or inf
+    (``progress`` says how far the run got, e.g. "after 12 steps")."""
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise DivergedError(
+            f"{what} diverged {progress}: its weights hold NaN or inf "
+            f"({shown}); nothing was saved. Lower the learning rate (--set lr=...), or leave "
+            "it unset where the method calibrates it."
+        )
 
 
 @contextmanager

@@ -35,6 +35,7 @@ class Recipe:
         check_range("epochs", self.epochs, 1)
         check_range("batch_size", self.batch_size, 1)
         check_range("lr", self.lr, 0, low_inclusive=False)
+        check_range("momentum", self.momentum, 0, 1, high_inclusive=False)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("label_smoothing", self.label_smoothing, 0, 1, high_inclusive=False)
         check_range("crop_padding", self.crop_padding, 0)

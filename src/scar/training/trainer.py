@@ -12,7 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from scar.data.base import Augment, BatchLoader, ImageSet, InputSpec
-from scar.models.base import channels_last, eval_mode
+from scar.models.base import channels_last, check_finite, eval_mode
 from scar.training.recipes import Recipe
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ def train_model(
                      row["loss"], row["train_acc"])
     bar.close()
     seconds = time.perf_counter() - start
+    check_finite(model, f"training ({desc})", f"after {len(history)} epochs")
     model.eval()
     test_acc = evaluate_accuracy(model, test, spec, device, amp=amp) if test is not None else None
     if test_acc is not None:
