@@ -163,3 +163,45 @@ def test_bad_dataset_option(option, needle, tmp_path, capsys, fake_fmnist_dir):
                  "--dataset-option", option, "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
+
+
+def _digests(paths):
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.exists()}
+
+
+@pytest.mark.parametrize("target", ["weights", "sidecar", "sidecar-via-evaluate",
+                                    "sidecar-via-forget-set"])
+def test_out_never_overwrites_an_input(target, trained, capsys):
+    """Issue 12: `unlearn --out` equal to the checkpoint (or its .json), `evaluate --out
+    CKPT.json` and `forget-set sample --out CKPT.json` overwrote the original or its sidecar."""
+    files = [trained, trained.with_suffix(".json")]
+    before = _digests(files)
+    common = ["--forget-class", "1", "--surrogate", "gaussian-noise", "--surrogate-n", "64"]
+    argv = {
+        "weights": ["unlearn", "--checkpoint", str(trained), *common, "--out", str(trained)],
+        "sidecar": ["unlearn", "--checkpoint", str(trained), *common, "--out",
+                    str(trained.with_suffix(".json"))],
+        "sidecar-via-evaluate": ["evaluate", "--checkpoint", str(trained), "--forget-class",
+                                 "1", "--no-mia", "--out", str(trained.with_suffix(".json"))],
+        "sidecar-via-forget-set": ["forget-set", "sample", "--dataset", "synthetic",
+                                   "--count", "5", "--out", str(trained.with_suffix(".json"))],
+    }[target]
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "would be overwritten" in err or "sidecar of checkpoint" in err
+    assert _digests(files) == before
+
+
+def test_unwritable_out_fails_before_any_work(trained, tmp_path, capsys):
+    """The output folder is checked before the work (it once failed after it). A regular file
+    standing where the folder should be cannot be written into, whatever the user's rights."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    assert main(["-q", "unlearn", "--checkpoint", str(trained), "--forget-class", "1",
+                 "--out", str(blocker / "u.safetensors")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and "cannot write into" in err and str(blocker) in err
+    assert "data access" not in out  # no run happened

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from scar.data.base import InputSpec
-from scar.errors import CheckpointError, MissingDataError
+from scar.errors import CheckpointError, ConfigError, MissingDataError
 from scar.models.base import ModelSpec, build_model
 from scar.utils import atomic_write_bytes, atomic_write_json, versions
 
@@ -60,6 +61,39 @@ class Checkpoint:
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
+
+
+def input_files(ck: Checkpoint) -> list[Path]:
+    """The files a loaded checkpoint came from: weights, sidecar, stored statistics."""
+    if ck.path is None:
+        return []
+    return [p for p in (ck.path, sidecar_path(ck.path), ck.stats_path()) if p is not None]
+
+
+def check_output(outputs: list[Path], inputs: list[Path], flag: str = "--out") -> None:
+    """Before any work: refuse outputs that would overwrite an input (or the sidecar of a
+    checkpoint that exists next to a ``.json`` output), and make sure their folders can be
+    written. Raises ConfigError naming the file."""
+    same = {p.resolve() for p in inputs}
+    for out in outputs:
+        if out.resolve() in same:
+            raise ConfigError(
+                f"{flag} {out} is an input of this command; it would be overwritten. Choose "
+                "another path."
+            )
+        weights = out.with_suffix(".safetensors")
+        if out.suffix == ".json" and weights.exists() and weights.resolve() not in {
+                o.resolve() for o in outputs}:
+            raise ConfigError(
+                f"{flag} {out} is the sidecar of checkpoint {weights}; writing it would "
+                "separate that checkpoint from its metadata. Choose another path."
+            )
+        folder = out.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if folder.exists() and (not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK)):
+            raise ConfigError(f"{flag} {out}: cannot write into {folder} (permission denied or "
+                              "not a folder); choose a writable path.")
 
 
 def save_checkpoint(

@@ -170,9 +170,11 @@ def default_name(job) -> str:
 
 @command("forget-set")
 def cmd_forget_set(args: argparse.Namespace) -> int:
+    from scar.checkpoint import check_output
     from scar.data.datasets import load_dataset
     from scar.data.forget import sample_forget_indices, save_indices
 
+    check_output([Path(args.out)], [])
     bundle = load_dataset(args.dataset, data_dir=args.data_dir, download=args.download,
                           **parse_dataset_options(args.dataset, args.dataset_option))
     n = len(bundle.train)
@@ -192,6 +194,12 @@ def cmd_surrogate(args: argparse.Namespace) -> int:
     return 0
 
 
+def index_files(args: argparse.Namespace) -> list[Path]:
+    """The forget-indices file of the command, if any (an input that --out must not hit)."""
+    path = getattr(args, "forget_indices", None)
+    return [Path(path)] if path else []
+
+
 def load_checkpoint_dataset(ck, args: argparse.Namespace):
     """The data of checkpoint ``ck``: its recorded dataset and options, unless overridden by
     ``--dataset`` / ``--dataset-option``."""
@@ -205,7 +213,7 @@ def load_checkpoint_dataset(ck, args: argparse.Namespace):
 
 @command("unlearn")
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from scar.checkpoint import load_checkpoint
+    from scar.checkpoint import check_output, input_files, load_checkpoint, sidecar_path
     from scar.data.forget import make_splits
     from scar.evaluation.audit import audit_models
     from scar.experiments import unlearn as ul
@@ -213,6 +221,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from scar.utils import resolve_device
 
     ck = load_checkpoint(args.checkpoint)
+    dest = ul.unlearned_path(args.out)
+    check_output([dest, sidecar_path(dest)], input_files(ck) + index_files(args))
     bundle = load_checkpoint_dataset(ck, args)
     spec = forget_spec_from_args(args)
     splits = make_splits(bundle, spec)
@@ -266,12 +276,17 @@ def format_summary(results: dict, scenario: str) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from scar.checkpoint import load_checkpoint
+    from scar.checkpoint import check_output, input_files, load_checkpoint, sidecar_path
     from scar.data.forget import ForgetSpec, make_splits
     from scar.evaluation.audit import audit_models, mia_note
     from scar.utils import atomic_write_json, resolve_device
 
     ck = load_checkpoint(args.checkpoint)
+    if args.out:
+        inputs = input_files(ck) + index_files(args) + [
+            p for ref in (args.original or ck.meta.get("parent"), args.oracle) if ref
+            for p in (Path(ref), sidecar_path(ref))]
+        check_output([Path(args.out)], inputs)
     spec = forget_spec_from_args(args)
     if spec is None:
         if not ck.meta.get("forget"):

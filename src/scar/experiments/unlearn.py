@@ -115,16 +115,23 @@ def run_unlearning(ck: Checkpoint, method: Method, data: UnlearnData) -> Unlearn
                           info=info)
 
 
+def unlearned_path(path: str | Path) -> Path:
+    """Where ``save_unlearned`` writes the weights for an ``--out`` of ``path`` (a folder gets
+    ``unlearned.safetensors``; another suffix becomes ``.safetensors``)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return path
+    return path / "unlearned.safetensors" if path.suffix == "" else path.with_suffix(
+        ".safetensors")
+
+
 def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, splits: Splits,
                    data: UnlearnData, metrics: dict[str, Any] | None = None, *,
                    dataset_options: Mapping[str, Any] | None = None) -> Path:
     """Write the unlearned checkpoint; its sidecar records the parent, method, hyperparameters,
     data-access profile and time, so it can itself be unlearned again. ``dataset_options``: the
     options the dataset was loaded with (default: the parent's recorded ones)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        path = path / "unlearned.safetensors" if path.suffix == "" else path.with_suffix(
-            ".safetensors")
+    path = unlearned_path(path)
     stats = ck.stats_path()
     meta = {
         "role": "unlearned",
