@@ -49,12 +49,35 @@ def test_mismatched_architecture_or_classes(tmp_path, tiny_model, tiny_spec, syn
 
 
 def test_missing_file_and_missing_sidecar(tmp_path, tiny_model, tiny_spec, synth):
+    from safetensors.torch import save_file
+
     with pytest.raises(MissingDataError):
         load_checkpoint(tmp_path / "nope.safetensors")
-    path = save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec)
+    path = save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec,
+                           {"role": "original"})
     path.with_suffix(".json").unlink()
+    assert load_checkpoint(path).meta["role"] == "original"  # the weights carry their metadata
+    bare = tmp_path / "bare.safetensors"  # written by other tools: no metadata, no sidecar
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(bare))
     with pytest.raises(CheckpointError, match="no sidecar"):
-        load_checkpoint(path)
+        load_checkpoint(bare)
+
+
+def test_weights_and_metadata_cannot_disagree(tmp_path, tiny_model, tiny_spec, synth, caplog):
+    """Issue 12: two writers to one path (or an interrupt between the weights and the sidecar)
+    once left one run's weights under another's sidecar, and `evaluate` trusted the sidecar."""
+    import logging
+    import shutil
+
+    a = save_checkpoint(tmp_path / "a", tiny_model, tiny_spec, synth.info.input_spec,
+                        {"method": "finetune", "role": "unlearned"})
+    b = save_checkpoint(tmp_path / "b", tiny_model, tiny_spec, synth.info.input_spec,
+                        {"method": "scar", "role": "unlearned"})
+    shutil.copy(b.with_suffix(".json"), a.with_suffix(".json"))  # the other writer's sidecar
+    with caplog.at_level(logging.WARNING):
+        ck = load_checkpoint(a)
+    assert ck.meta["method"] == "finetune"
+    assert "does not match the metadata inside" in caplog.text
 
 
 def test_corrupt_safetensors(tmp_path, tiny_model, tiny_spec, synth):

@@ -27,6 +27,8 @@ from scar.utils import atomic_write_bytes, atomic_write_json, versions
 log = logging.getLogger(__name__)
 
 FORMAT = "scar-checkpoint/1"
+#: Key of the safetensors header entry that holds the checkpoint's metadata (JSON).
+META_KEY = "scar_meta"
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 
 
@@ -107,7 +109,6 @@ def save_checkpoint(
     if path.suffix != ".safetensors":
         path = path.with_suffix(".safetensors")
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(state, metadata={"format": FORMAT}))
     side = {
         "format": FORMAT,
         "model": model_spec.to_dict(),
@@ -115,9 +116,64 @@ def save_checkpoint(
         "versions": versions(),
         **(meta or {}),
     }
+    # The metadata travels inside the weights file too (one atomic unit): the sidecar is a
+    # readable copy, and a sidecar left by another writer or an interrupted save cannot pair
+    # these weights with someone else's metadata (load_checkpoint prefers the embedded copy).
+    embedded = json.dumps(side, sort_keys=True, default=str)
+    atomic_write_bytes(path, save(state, metadata={"format": FORMAT, META_KEY: embedded}))
     atomic_write_json(sidecar_path(path), side)
     log.info("saved checkpoint %s", path)
     return path
+
+
+def _embedded_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata a safetensors checkpoint carries in its header (None: none, or not a
+    safetensors file)."""
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by _read_state
+        return None
+    if raw is None:
+        return None
+    try:
+        return _checked_meta(json.loads(raw), f"the metadata embedded in {path}")
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"The metadata embedded in {path} is not valid JSON: {exc}.") \
+            from exc
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's metadata: the copy embedded in the weights file when there is one (a
+    sidecar that disagrees with it is reported and ignored), else the sidecar."""
+    embedded = _embedded_meta(path)
+    side = sidecar_path(path)
+    if embedded is not None:
+        if side.exists():
+            try:
+                same = json.loads(side.read_text()) == json.loads(json.dumps(embedded))
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+                same = False
+            if not same:
+                log.warning("%s does not match the metadata inside %s (another writer or an "
+                            "interrupted save); using the embedded metadata", side, path.name)
+        return embedded
+    return _read_sidecar(path)
+
+
+def _checked_meta(meta: Any, where: str) -> dict[str, Any]:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "model" not in meta \
+            or "input_spec" not in meta:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(
+            f"{where} is not SCAR checkpoint metadata (expected format {FORMAT!r} with "
+            f"'model' and 'input_spec'; got {got!r})."
+        )
+    return meta
 
 
 def _read_sidecar(path: Path) -> dict[str, Any]:
@@ -131,12 +187,7 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"Sidecar {side} is not valid JSON: {exc}.") from exc
-    if meta.get("format") != FORMAT or "model" not in meta or "input_spec" not in meta:
-        raise CheckpointError(
-            f"Sidecar {side} is not a SCAR checkpoint sidecar (expected format {FORMAT!r} with "
-            f"'model' and 'input_spec'; got format {meta.get('format')!r})."
-        )
-    return meta
+    return _checked_meta(meta, f"Sidecar {side}")
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
@@ -180,9 +231,10 @@ def load_checkpoint(
     if not path.exists():
         raise MissingDataError(f"Checkpoint {path} does not exist.")
     state = _read_state(path)  # first: an unsafe file is refused before anything else
-    meta: dict[str, Any] = {}
-    if sidecar_path(path).exists() or model_spec is None:
-        meta = _read_sidecar(path)
+    if model_spec is None or sidecar_path(path).exists():
+        meta = _read_meta(path)
+    else:
+        meta = _embedded_meta(path) or {}
     spec = model_spec or ModelSpec.from_dict(meta["model"])
     ispec = input_spec or InputSpec.from_dict(meta["input_spec"])
     if expect_num_classes is not None and spec.num_classes != expect_num_classes:
