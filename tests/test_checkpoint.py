@@ -85,3 +85,22 @@ def test_corrupt_safetensors(tmp_path, tiny_model, tiny_spec, synth):
     path.write_bytes(b"not a safetensors file at all")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         load_checkpoint(path)
+
+
+def test_empty_and_refused_files_give_one_clear_reason(tmp_path):
+    """A zero-byte .pt once raised IndexError; the pickle refusal quoted torch's advice to
+    turn the safety check off."""
+    empty = tmp_path / "zero.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_checkpoint(empty, model_spec=ModelSpec("mlp", 4, 1, 16))
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"w": Evil()}))
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(evil, model_spec=ModelSpec("mlp", 4, 1, 16))
+    assert "weights_only=False" not in str(info.value) and "never unpickles" in str(info.value)

@@ -190,6 +190,19 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     return _checked_meta(meta, f"Sidecar {side}")
 
 
+def _torch_reason(exc: BaseException) -> str:
+    """What torch.load's refusal says about the file, without its advice to disable the
+    safety check (weights_only=False), which SCAR never does."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    noise = ("weights_only", "please file an issue", "check the documentation",
+             "weights only load failed", "add_safe_globals", "safe_globals")
+    lines = [ln.split(" Please use")[0].strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not any(n in ln.lower() for n in noise)]
+    return lines[0].rstrip(".") if lines else type(exc).__name__
+
+
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
@@ -200,12 +213,14 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file: {exc}.") from exc
     if path.suffix in _PICKLE_SUFFIXES:
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint.")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling refusal becomes a clear error
             raise CheckpointError(
                 f"Refusing to load {path}: it is not a plain tensor state dict "
-                f"(torch.load(weights_only=True) said: {str(exc).splitlines()[0]}). "
+                f"(torch.load(weights_only=True) said: {_torch_reason(exc)}). "
                 "SCAR never unpickles arbitrary objects; convert it to safetensors."
             ) from exc
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

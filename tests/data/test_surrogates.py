@@ -152,3 +152,11 @@ def test_build_subset_errors(tree, tmp_path):
         build_surrogate_subset(tree, tmp_path / "o3", 2, 0)
     with pytest.raises(ConfigError, match="per_class"):
         build_surrogate_subset(tree, tmp_path / "o4", 0, 0)
+
+
+def test_absurd_surrogate_sizes_are_refused_before_allocating():
+    """`--surrogate-n 1000000000` was killed by the OOM killer after minutes."""
+    with pytest.raises(ConfigError, match="surrogate n"):
+        load_surrogate("gaussian-noise", channels=1, size=16, n=1_000_000_000)
+    with pytest.raises(ConfigError, match="GiB"):  # 900k images of 3x1024x1024: 2.6 TiB
+        load_surrogate("gaussian-noise", channels=3, size=1024, n=900_000)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,25 @@ SKIMAGE_PHOTOS = (
 )  # fmt: skip
 
 
+#: At most this many surrogate images per request (the paper uses a few thousand; SCAR's
+#: default is 5000). A larger --surrogate-n is a typo, not a plan.
+MAX_SURROGATE_IMAGES = 1_000_000
+
+
+def check_fits_in_memory(nbytes: int, what: str, share: float = 0.5) -> None:
+    """ConfigError when ``nbytes`` exceed ``share`` of the memory this machine has available
+    (Linux; elsewhere nothing is checked), instead of being killed by the OOM killer later."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return
+    if nbytes > share * avail:
+        raise ConfigError(
+            f"{what} need {nbytes / 2**30:.1f} GiB, more than {share:.0%} of the "
+            f"{avail / 2**30:.1f} GiB of memory available; ask for fewer."
+        )
+
+
 def load_surrogate(
     name: str,
     *,
@@ -61,7 +81,9 @@ def load_surrogate(
     check_choice("surrogate channels", channels, (1, 3))
     check_range("surrogate size", size, 1)
     if n is not None:
-        check_range("surrogate n", n, 1)
+        check_range("surrogate n", n, 1, MAX_SURROGATE_IMAGES)
+        check_fits_in_memory(n * channels * size * size, f"{n} surrogate images of "
+                             f"{channels}x{size}x{size}")
     source, arg = SURROGATES.resolve(name)
     if exclude_dataset is not None and name == f"dataset:{exclude_dataset}":
         raise ConfigError(
