@@ -104,3 +104,32 @@ def test_empty_and_refused_files_give_one_clear_reason(tmp_path):
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(evil, model_spec=ModelSpec("mlp", 4, 1, 16))
     assert "weights_only=False" not in str(info.value) and "never unpickles" in str(info.value)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: m["model"].update(num_classes="ten"),
+    lambda m: m.update(model="fastcnn"),
+    lambda m: m.update(input_spec=None),
+    lambda m: m["model"].pop("name"),
+    lambda m: m["model"].update(kwargs={"bogus": 1}),
+    lambda m: m.update(model=["a"]),
+    lambda m: m.update(input_spec={"channels": "x"}),
+    lambda m: m["model"].update(num_classes=-3),
+], ids=["str-classes", "model-str", "input-null", "no-name", "bad-kwarg", "model-list",
+        "bad-channels", "negative-classes"])
+def test_malformed_sidecar_is_a_clear_error(edit, tmp_path, tiny_model, tiny_spec, synth):
+    """A checkpoint whose metadata lives only in its sidecar (written by an older version or
+    by hand), with the sidecar edited: a ScarError naming the problem, never a traceback."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from scar.errors import ScarError
+
+    path = save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec)
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    edit(meta)
+    path.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ScarError):
+        load_checkpoint(path)

@@ -234,6 +234,25 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def _specs(path: Path, meta: dict[str, Any], model_spec: ModelSpec | None,
+           input_spec: InputSpec | None) -> tuple[ModelSpec, InputSpec]:
+    """Model and input specs: the given ones, else the metadata's (a malformed entry is a
+    CheckpointError saying what a valid one looks like)."""
+    def read(key: str, cls, example: str):
+        try:
+            return cls.from_dict(meta[key])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(
+                f"Checkpoint {path}: its metadata's {key!r} is malformed ({type(exc).__name__}: "
+                f"{exc}); expected an object like {example}. Was the sidecar edited by hand?"
+            ) from exc
+
+    return (model_spec or read("model", ModelSpec, '{"name": "fastcnn", "num_classes": 10, '
+                               '"channels": 1, "size": 28}'),
+            input_spec or read("input_spec", InputSpec, '{"channels": 1, "size": 28, "mean": '
+                               '[0.286], "std": [0.353]}'))
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -250,14 +269,17 @@ def load_checkpoint(
         meta = _read_meta(path)
     else:
         meta = _embedded_meta(path) or {}
-    spec = model_spec or ModelSpec.from_dict(meta["model"])
-    ispec = input_spec or InputSpec.from_dict(meta["input_spec"])
+    spec, ispec = _specs(path, meta, model_spec, input_spec)
     if expect_num_classes is not None and spec.num_classes != expect_num_classes:
         raise CheckpointError(
             f"Checkpoint {path} is a {spec.num_classes}-class model but {expect_num_classes} "
             "classes were expected (different dataset?)."
         )
-    model = build_model(spec)
+    try:
+        model = build_model(spec)
+    except TypeError as exc:  # e.g. a kwarg the architecture does not take
+        raise CheckpointError(f"Checkpoint {path}: model {spec.name!r} cannot be built from "
+                              f"its recorded settings {spec.kwargs}: {exc}.") from exc
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
