@@ -463,4 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m scar.cli` runs this file as __main__, a second module object whose command
+    # table the sub-command modules (which register into `scar.cli`) never fill: use the real one.
+    from scar.cli import main as _main
+
+    sys.exit(_main())

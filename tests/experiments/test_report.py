@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import pytest
 
+from scar.errors import ScarError
 from scar.evaluation.aus import AUS_ON_MEANS_LABEL, AUS_PER_RUN_LABEL, aus_cr, mean_with_sem
 from scar.experiments import plots
 from scar.experiments.report import (
@@ -174,7 +175,24 @@ def test_report_files_are_deterministic_and_complete(run_dir, tmp_path):
 def test_truncated_last_line_is_skipped_with_a_warning(run_dir, caplog):
     with caplog.at_level(logging.WARNING):
         rows = load_rows(run_dir)
-    assert len(rows) == 7 and "truncated last line" in caplog.text
+    assert len(rows) == 7 and "truncated or unreadable last line" in caplog.text
+
+
+def test_report_and_run_read_a_bad_middle_line_alike(run_dir, capsys):
+    """One reader (store.parse_rows): a garbled line *inside* the file is an error for
+    `scar report` exactly as for `scar run`, not silently skipped by one of them."""
+    from scar.cli import main
+    from scar.experiments.store import ResultsStore
+
+    path = run_dir / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:2] + ["{garbled\n"] + lines[2:]))
+    with pytest.raises(ScarError, match="line 3"):
+        ResultsStore(run_dir).rows()
+    with pytest.raises(ScarError, match="line 3"):
+        load_rows(run_dir)
+    assert main(["-q", "report", str(run_dir)]) == 2
+    assert "line 3" in capsys.readouterr().err
 
 
 def test_mia_separation_note(tmp_path):
@@ -311,3 +329,12 @@ def test_reports_without_an_oracle_for_some_or_all_requests(tmp_path, oracle_cla
     assert main(["-q", "report", str(tmp_path)]) == 0
     assert "Oracle: " in capsys.readouterr().out
     assert oracle_note(summarize(all_rows())) is None  # every request has its oracle
+
+
+def test_a_row_without_the_reports_keys_is_a_clear_error(tmp_path, capsys):
+    from scar.cli import main
+
+    write_rows(tmp_path, all_rows() + [{"run_id": "x1", "status": "ok"}])
+    assert main(["-q", "report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "row 7 (run 'x1') lacks" in err and "scenario" in err

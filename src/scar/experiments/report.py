@@ -31,15 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scar.errors import MissingDataError
+from scar.errors import MissingDataError, ScarError
 from scar.evaluation.audit import AUS_KEYS
 from scar.evaluation.aus import AUS_ON_MEANS_LABEL, AUS_PER_RUN_LABEL, aus_on_means
 from scar.evaluation.mia import MIAResult, attack_separates
+from scar.experiments.store import RESULTS_FILE, parse_rows_counted
 from scar.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.jsonl"
+#: Keys of a results row (store.ROW_KEYS) that the report cannot do without.
+REPORT_KEYS = ("run_id", "status", "dataset", "model", "scenario", "method", "metrics")
 DEFAULT_OUT_SUBDIR = "report"
 PLOTS_SUBDIR = "plots"
 ORIGINAL = "original"
@@ -144,28 +146,6 @@ class GroupSummary:
 
 
 # ---------------------------------------------------------------- loading
-def _parse_lines(lines: Sequence[str], source: Path) -> tuple[list[dict], int]:
-    rows: list[dict] = []
-    skipped = 0
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            where = "truncated last line" if i == last else "unreadable line"
-            log.warning("%s: skipping %s %d (%s)", source, where, i + 1, exc)
-            skipped += 1
-            continue
-        if not isinstance(row, dict):
-            log.warning("%s: skipping line %d: not a JSON object", source, i + 1)
-            skipped += 1
-            continue
-        rows.append(row)
-    return rows, skipped
-
-
 def read_rows(run_dir: str | Path) -> tuple[list[dict], int]:
     """(rows in file order, number of unreadable lines skipped) of ``run_dir/results.jsonl``."""
     path = Path(run_dir) / RESULTS_FILE
@@ -174,8 +154,16 @@ def read_rows(run_dir: str | Path) -> tuple[list[dict], int]:
             f"no {RESULTS_FILE} in {Path(run_dir)}; a run directory holds the rows written by "
             "`scar run` (one JSON object per line)."
         )
-    text = path.read_text(encoding="utf-8", errors="replace")
-    return _parse_lines(text.splitlines(), path)
+    rows, skipped = parse_rows_counted(path.read_bytes(), str(path))
+    for number, row in enumerate(rows, start=1):
+        missing = [k for k in REPORT_KEYS if k not in row]
+        if missing:
+            raise ScarError(
+                f"{path}: row {number} (run {row.get('run_id')!r}) lacks {missing}, which the "
+                "report needs; every row written by `scar run` has them. Was the file edited, "
+                "or written by another tool? Fix or delete that row."
+            )
+    return rows, skipped
 
 
 def load_rows(run_dir: str | Path) -> list[dict]:

@@ -124,10 +124,18 @@ class ResultsStore:
 
 def parse_rows(data: bytes, source: str = "<results>") -> list[dict[str, Any]]:
     """Rows of a results file; a truncated or unreadable *last* line is skipped with a warning,
-    an unreadable line elsewhere is an error (the file was edited by hand)."""
+    an unreadable line elsewhere is an error (the file was edited by hand). The one reader of
+    results files: ``scar run`` (resume), the store's appends and ``scar report``."""
+    return parse_rows_counted(data, source)[0]
+
+
+def parse_rows_counted(data: bytes, source: str = "<results>"
+                       ) -> tuple[list[dict[str, Any]], int]:
+    """:func:`parse_rows`, and how many (last) lines it skipped."""
     lines = data.split(b"\n")
     complete = data.endswith(b"\n")
     rows = []
+    skipped = 0
     for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -138,6 +146,7 @@ def parse_rows(data: bytes, source: str = "<results>") -> list[dict[str, Any]]:
             if last:
                 log.warning("%s: skipping a truncated or unreadable last line %d (%s)", source,
                             number, exc)
+                skipped += 1
                 continue
             raise ScarError(
                 f"{source}, line {number} is not a results row ({exc}); the file was changed by "
@@ -146,7 +155,7 @@ def parse_rows(data: bytes, source: str = "<results>") -> list[dict[str, Any]]:
         if not complete and number == len(lines):
             log.warning("%s: last line %d has no newline (a cut-short write?)", source, number)
         rows.append(row)
-    return rows
+    return rows, skipped
 
 
 def _load_row(raw: bytes) -> dict[str, Any]:

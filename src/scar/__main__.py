@@ -1,0 +1,7 @@
+"""``python -m scar``: the ``scar`` command."""
+
+import sys
+
+from scar.cli import main
+
+sys.exit(main())
