@@ -265,3 +265,19 @@ def test_malformed_oracles(changes, words):
         expand(grid_with(**changes))
     for word in words:
         assert word in str(info.value), (word, str(info.value))
+
+
+def test_a_key_listed_twice_is_refused_not_dropped(tmp_path):
+    """PyYAML keeps the last of two equal keys: a method listed twice once ran only once."""
+    grid = tmp_path / "g.yaml"
+    grid.write_text("dataset: synthetic\nscenario: CR\nclasses: [0]\nmethods:\n"
+                    "  scar: {}\n  negative_gradient: {}\n  scar: {lambda_2: 5}\n")
+    with pytest.raises(ConfigError, match=r"line 7: key 'scar' appears twice"):
+        load_grid(grid)
+
+
+def test_a_grid_that_is_not_utf8_is_a_clear_error(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_bytes("dataset: synthétique\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_grid(grid)

@@ -162,7 +162,33 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"grid file {path} is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); save it as UTF-8.") from exc
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """PyYAML keeps the last of two equal keys silently (a method listed twice would run
+        once, with the second settings): refuse instead."""
+
+    def unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(
+                    f"grid file {path}, line {key_node.start_mark.line + 1}: key {key!r} "
+                    "appears twice in one mapping; list it once (to compare two settings of "
+                    "one method, run a second grid into the same --out: the report gives each "
+                    "setting its own row)."
+                )
+            seen.add(key)
+        return loader.construct_mapping(node)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                    unique_mapping)
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError(f"grid file {path} is not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
