@@ -332,3 +332,28 @@ def test_a_failed_row_after_an_ok_one_is_not_appended(tmp_path):
     assert not store.append(row | {"status": "ok"})  # another process finished it too
     assert not store.append(row)  # or failed at it
     assert [r["status"] for r in store.rows()] == ["failed", "ok"]
+
+
+def test_concurrent_sweeps_on_one_folder_record_every_run_once(base_run, tmp_path):
+    """Issue 12: two or three `scar run` processes on one --out (split with --only, or the
+    same sweep started twice) rewrote results.jsonl over each other. Now: three processes at
+    once (two disjoint halves and the whole grid) leave every run exactly once, ok."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = with_checkpoints(base_run[0], tmp_path)  # cached models: no training
+    grid = tmp_path / "tiny.yaml"
+    grid.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    base = [sys.executable, "-m", "scar", "-q", "run", str(grid), "--out", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(base + extra, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+             for extra in (["--only", "method=scar"], ["--only", "method=negative_gradient"],
+                           [])]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    rows = ResultsStore(run_dir).rows()
+    ids = Counter(r["run_id"] for r in rows)
+    assert len(ids) == base_run[1].total and set(ids.values()) == {1}
+    assert all(r["status"] == "ok" for r in rows)
