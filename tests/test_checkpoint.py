@@ -133,3 +133,22 @@ def test_malformed_sidecar_is_a_clear_error(edit, tmp_path, tiny_model, tiny_spe
     path.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(ScarError):
         load_checkpoint(path)
+
+
+def test_a_folder_as_checkpoint_names_the_files_inside(tmp_path, tiny_model, tiny_spec, synth):
+    save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec)
+    with pytest.raises(CheckpointError, match=r"is a folder.*m\.safetensors"):
+        load_checkpoint(tmp_path)
+
+
+def test_written_files_respect_the_umask(tmp_path, tiny_model, tiny_spec, synth):
+    """Issue 12: every output file was mode 0600 (mkstemp's), whatever the umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "m", tiny_model, tiny_spec, synth.info.input_spec)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.with_suffix(".json").stat().st_mode & 0o777 == 0o644

@@ -264,6 +264,12 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise MissingDataError(f"Checkpoint {path} does not exist.")
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+        raise CheckpointError(
+            f"Checkpoint {path} is a folder; give the weights file inside it"
+            + (f" (e.g. {', '.join(found)})." if found else " (a .safetensors file).")
+        )
     state = _read_state(path)  # first: an unsafe file is refused before anything else
     if model_spec is None or sidecar_path(path).exists():
         meta = _read_meta(path)
