@@ -273,3 +273,16 @@ def test_save_indices_validates(tmp_path):
     with pytest.raises(ConfigError, match="out of range"):
         save_indices(tmp_path / "f.json", torch.tensor([3, 10]), {"num_train": 10})
     assert not (tmp_path / "f.json").exists()
+
+
+def test_index_file_messages_say_what_is_wrong(tmp_path):
+    """Issue 12: a folder was reported as "does not exist", and a string num_train as
+    "512 vs 512"."""
+    from scar.data.forget import load_indices
+
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_indices(tmp_path)
+    bad = tmp_path / "idx.json"
+    bad.write_text(json.dumps({"indices": [1, 2], "num_train": "512"}))
+    with pytest.raises(ConfigError, match=r"'num_train' must be an integer.*'512' \(str\)"):
+        load_indices(bad, num_train=512)

@@ -282,6 +282,9 @@ def load_indices(path: str | Path, num_train: int | None = None) -> torch.Tensor
     When both ``num_train`` and the file's ``num_train`` are known they must agree.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Forget index file {path} is a folder; give the JSON file written "
+                          "by `scar forget-set sample`.")
     if not path.is_file():
         raise MissingDataError(f"Forget index file {path} does not exist.")
     try:
@@ -297,6 +300,9 @@ def load_indices(path: str | Path, num_train: int | None = None) -> torch.Tensor
             f"{' with keys ' + str(sorted(data)) if isinstance(data, dict) else ''}."
         )
     file_n = data.get("num_train")
+    if file_n is not None and (isinstance(file_n, bool) or not isinstance(file_n, int)):
+        raise ConfigError(f"Forget index file {path}: 'num_train' must be an integer (the "
+                          f"training set's size); got {file_n!r} ({type(file_n).__name__}).")
     if num_train is not None and file_n is not None and file_n != num_train:
         raise ConfigError(
             f"Forget index file {path} was made for a training set of {file_n} images, but this "
