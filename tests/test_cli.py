@@ -205,3 +205,15 @@ def test_unwritable_out_fails_before_any_work(trained, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert err.startswith("error: ") and "cannot write into" in err and str(blocker) in err
     assert "data access" not in out  # no run happened
+
+
+def test_evaluate_refuses_an_oracle_of_another_task(trained, tmp_path, capsys):
+    """Issue 12: a mismatched --oracle gave AUS 0.000 or a traceback."""
+    other = tmp_path / "other.safetensors"
+    assert main(["-q", "train", "--dataset", "synthetic", "--dataset-option", "num_classes=6",
+                 "--epochs", "1", "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "evaluate", "--checkpoint", str(trained), "--forget-class", "1",
+                 "--no-mia", "--oracle", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--oracle" in err and "6-class model" in err

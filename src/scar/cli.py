@@ -194,6 +194,21 @@ def cmd_surrogate(args: argparse.Namespace) -> int:
     return 0
 
 
+def same_task(ck, other, flag: str):
+    """``other`` (an --original / --oracle checkpoint) must classify the same inputs into the
+    same classes as ``ck``; returns it."""
+    mine = (ck.model_spec.num_classes, ck.input_spec.channels, ck.input_spec.size)
+    theirs = (other.model_spec.num_classes, other.input_spec.channels, other.input_spec.size)
+    if mine != theirs or (ck.dataset and other.dataset and ck.dataset != other.dataset):
+        raise ConfigError(
+            f"{flag} {other.path} is a {theirs[0]}-class model of {theirs[1]}x{theirs[2]}px "
+            f"{other.dataset or '?'} images, but the evaluated checkpoint is a {mine[0]}-class "
+            f"model of {mine[1]}x{mine[2]}px {ck.dataset or '?'} images; give the "
+            f"{flag.lstrip('-')} of this same task."
+        )
+    return other
+
+
 def index_files(args: argparse.Namespace) -> list[Path]:
     """The forget-indices file of the command, if any (an input that --out must not hit)."""
     path = getattr(args, "forget_indices", None)
@@ -300,11 +315,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     models = {}
     original_path = args.original or ck.meta.get("parent")
     if original_path:
-        models["original"] = load_checkpoint(original_path).model
+        models["original"] = same_task(ck, load_checkpoint(original_path), "--original").model
     else:
         models["original"] = ck.model
     if args.oracle:
-        models["retrain"] = load_checkpoint(args.oracle).model
+        models["retrain"] = same_task(ck, load_checkpoint(args.oracle), "--oracle").model
     models["evaluated"] = ck.model
     scenario = "CR" if spec.kind == "class" else "HR"
     results, _ = audit_models(models, splits, ck.input_spec, scenario,

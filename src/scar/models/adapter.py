@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 #: How many candidate Linear modules an error message lists (the last ones: heads come last).
 _MAX_LISTED = 12
-_HINT = "Pass the head's module name explicitly: head='<name>' (CLI: --head <name>)."
+_HINT = ("Pass the head's module name explicitly: head='<name>' (CLI: `scar train --head "
+         "<name>`; the checkpoint records it for every later command).")
 
 
 # --------------------------------------------------------------------------------------------
