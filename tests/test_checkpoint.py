@@ -152,3 +152,16 @@ def test_written_files_respect_the_umask(tmp_path, tiny_model, tiny_spec, synth)
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert path.with_suffix(".json").stat().st_mode & 0o777 == 0o644
+
+
+def test_architecture_mismatch_is_summarised_not_dumped(tmp_path, synth):
+    """Issue 12: torch's full key dump (3 KB for a ResNet-18) was quoted in the message."""
+    from scar.models.base import build_model
+
+    path = tmp_path / "r.pt"
+    torch.save(build_model(ModelSpec("resnet18", 4, 1, 16)).state_dict(), path)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path, model_spec=ModelSpec("fastcnn", 4, 1, 16),
+                        input_spec=synth.info.input_spec)
+    msg = str(info.value)
+    assert len(msg) < 600 and "missing (" in msg and "unexpected (" in msg and "more" in msg

@@ -234,6 +234,26 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
     )
 
 
+def state_mismatch(model: nn.Module, state: dict[str, torch.Tensor], shown: int = 3) -> str:
+    """A short account of how ``state`` differs from ``model``'s state dict: counts of
+    missing, unexpected and reshaped entries with a few examples (not torch's full key dump)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+                if k in state and state[k].shape != own[k].shape]
+
+    def part(items: list[str], what: str) -> str | None:
+        if not items:
+            return None
+        more = f", … {len(items) - shown} more" if len(items) > shown else ""
+        return f"{len(items)} {what} ({', '.join(items[:shown])}{more})"
+
+    parts = [p for p in (part(missing, "missing"), part(unexpected, "unexpected"),
+                         part(reshaped, "with another shape (file vs model)")) if p]
+    return "; ".join(parts) or "the weights do not load"
+
+
 def _specs(path: Path, meta: dict[str, Any], model_spec: ModelSpec | None,
            input_spec: InputSpec | None) -> tuple[ModelSpec, InputSpec]:
     """Model and input specs: the given ones, else the metadata's (a malformed entry is a
@@ -289,10 +309,9 @@ def load_checkpoint(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = "; ".join(str(exc).splitlines()[:3])
         raise CheckpointError(
             f"Checkpoint {path} does not match architecture {spec.name!r} with "
-            f"{spec.num_classes} classes: {first}"
+            f"{spec.num_classes} classes: {state_mismatch(model, state)}."
         ) from exc
     model.eval()
     return Checkpoint(model=model, model_spec=spec, input_spec=ispec, meta=meta, path=path)
