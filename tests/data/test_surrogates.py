@@ -160,3 +160,32 @@ def test_absurd_surrogate_sizes_are_refused_before_allocating():
         load_surrogate("gaussian-noise", channels=1, size=16, n=1_000_000_000)
     with pytest.raises(ConfigError, match="GiB"):  # 900k images of 3x1024x1024: 2.6 TiB
         load_surrogate("gaussian-noise", channels=3, size=1024, n=900_000)
+
+
+def test_bad_image_files_are_skipped_and_counted(tree, tmp_path, caplog):
+    """Issue 12: one undecodable file aborted a whole surrogate folder, `surrogate build`
+    copied undecodable files, and a decompression bomb was a traceback."""
+    from PIL import Image
+
+    (tree / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    with caplog.at_level("WARNING"):
+        images = load_surrogate(f"imagefolder:{tree}", channels=3, size=8)
+    assert len(images) == 12 and "skipped 1 of 13" in caplog.text and "broken.png" in caplog.text
+    summary = build_surrogate_subset(tree, tmp_path / "sub", per_class=5, seed=0)
+    assert summary["skipped_undecodable"] == ["b/broken.png"] and summary["images"] == 11
+    assert not (tmp_path / "sub" / "b" / "broken.png").exists()
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.png").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="none of its 1 image files can be decoded"):
+        load_surrogate(f"imagefolder:{only_bad}", channels=3, size=8)
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()
+    Image.new("L", (200, 200)).save(bomb / "big.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 1000  # 40,000 pixels > 2x the limit: PIL's bomb error
+    try:
+        with pytest.raises(ConfigError, match="big.png.*exceeds limit"):
+            load_surrogate(f"imagefolder:{bomb}", channels=1, size=8)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit

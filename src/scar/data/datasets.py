@@ -499,7 +499,10 @@ def decode_image(path: Path, channels: int) -> torch.Tensor:
     try:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ConfigError(f"Refusing image file {path}: {exc} (an image this large is a "
+                          "decompression bomb or not a dataset image).") from exc
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ConfigError(f"Cannot decode image file {path}: {exc}") from exc
     t = torch.from_numpy(arr.copy())
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
@@ -514,6 +517,29 @@ def decode_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tens
         if (i + 1) % step == 0:
             log.info("Decoded %d / %d images", i + 1, len(paths))
     return out
+
+
+def decode_images_skipping(paths: Sequence[Path], channels: int, size: int, what: str
+                           ) -> tuple[torch.Tensor, list[int]]:
+    """:func:`decode_images`, skipping files that cannot be decoded (a warning counts them and
+    names a few); returns (images, positions in ``paths`` that were kept). ConfigError when
+    none can be decoded."""
+    kept, bad = [], []
+    out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
+    for i, path in enumerate(paths):
+        try:
+            out[len(kept)] = resize_images(decode_image(path, channels)[None], channels, size)[0]
+        except ConfigError as exc:
+            bad.append(f"{path.name} ({str(exc).split(': ', 1)[-1][:80]})")
+            continue
+        kept.append(i)
+    if bad:
+        log.warning("%s: skipped %d of %d image files that cannot be decoded: %s%s", what,
+                    len(bad), len(paths), "; ".join(bad[:3]), " …" if len(bad) > 3 else "")
+    if not kept:
+        raise ConfigError(f"{what}: none of its {len(paths)} image files can be decoded "
+                          f"({'; '.join(bad[:3])}).")
+    return out[:len(kept)].clone(), kept
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -23,7 +23,13 @@ import numpy as np
 import torch
 
 from scar.data.base import TensorImages, resize_images
-from scar.data.datasets import decode_images, list_class_dirs, list_image_files, load_dataset
+from scar.data.datasets import (
+    decode_image,
+    decode_images_skipping,
+    list_class_dirs,
+    list_image_files,
+    load_dataset,
+)
 from scar.errors import ConfigError, MissingDataError, check_choice, check_range, optional_import
 from scar.registry import Registry
 
@@ -137,8 +143,9 @@ def imagefolder_source(
         raise ConfigError(f"Surrogate image folder {root} holds no image files.")
     chosen = [files[i] for i in subsample(len(files), n, seed, f"imagefolder:{path}").tolist()]
     top = {d.name: i for i, d in enumerate(list_class_dirs(root))}
-    labels = [folder_label(p.relative_to(root), top) for p in chosen]
-    return TensorImages(decode_images(chosen, channels, size), torch.tensor(labels))
+    images, kept = decode_images_skipping(chosen, channels, size, f"Surrogate folder {root}")
+    labels = [folder_label(chosen[i].relative_to(root), top) for i in kept]
+    return TensorImages(images, torch.tensor(labels))
 
 
 @SURROGATES.register("gaussian-noise", help="i.i.d. Gaussian pixels (mean 127.5, std 64)")
@@ -317,7 +324,9 @@ def build_surrogate_subset(src: str | Path, out: str | Path, per_class: int, see
     their path inside the class folder. A class with fewer images than ``per_class`` contributes all
     it has and is reported (warning and ``short_classes`` in the summary) rather than failing the
     whole build. ``out`` must not already hold files, so that the subset is exactly what was asked.
-    Returns ``{"classes", "images", "per_class", "seed", "source", "out", "short_classes"}``.
+    Files that cannot be decoded are not copied (warning; ``skipped_undecodable`` lists them).
+    Returns ``{"classes", "images", "per_class", "seed", "source", "out", "short_classes",
+    "skipped_undecodable"}``.
     """
     check_range("per_class", per_class, 1)
     src, out = Path(src).expanduser(), Path(out).expanduser()
@@ -341,14 +350,22 @@ def build_surrogate_subset(src: str | Path, out: str | Path, per_class: int, see
             per_class,
             dict(list(short.items())[:10]),
         )
-    total = 0
+    total, skipped = 0, []
     for class_dir in classes:
         for path in plan[class_dir.name]:
+            try:  # copy only what the loader will be able to read
+                decode_image(path, 3)
+            except ConfigError:
+                skipped.append(str(path.relative_to(src)))
+                continue
             rel = path.relative_to(class_dir)
             dest = out / class_dir.name / "_".join(rel.parts)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest)
             total += 1
+    if skipped:
+        log.warning("skipped %d image files that cannot be decoded: %s%s", len(skipped),
+                    ", ".join(skipped[:3]), " …" if len(skipped) > 3 else "")
     log.info("Copied %d images of %d classes from %s to %s", total, len(classes), src, out)
     return {
         "classes": len(classes),
@@ -358,6 +375,7 @@ def build_surrogate_subset(src: str | Path, out: str | Path, per_class: int, see
         "source": str(src),
         "out": str(out),
         "short_classes": short,
+        "skipped_undecodable": skipped,
     }
 
 
