@@ -199,3 +199,21 @@ def test_fastcnn_trains_with_a_batch_of_one() -> None:
     model = build_model(ModelSpec("fastcnn", NUM_CLASSES, 1, 28)).train()
     features, logits = FeatureModel(model)(torch.randn(1, 1, 28, 28))
     assert features.shape == (1, 128) and (features >= 0).all() and logits.shape == (1, 10)
+
+
+def test_an_input_size_a_model_cannot_take_names_one_it_can():
+    """Issue 12: tv:alexnet at 32 px failed inside training with a torch shape error."""
+    from scar.models.base import check_input_fits
+
+    spec = ModelSpec("tv:alexnet", 10, 3, 32)
+    with pytest.raises(ConfigError, match=r"cannot take 3x32x32 inputs.*takes 64x64"):
+        check_input_fits(build_model(spec), spec)
+    ok = ModelSpec("fastcnn", 10, 1, 28)
+    check_input_fits(build_model(ok), ok)  # no error
+
+
+def test_torchvision_models_with_auxiliary_heads_train_on_the_main_output():
+    """tv:googlenet returned GoogLeNetOutputs in train mode, which training cannot use."""
+    model = build_model(ModelSpec("tv:googlenet", 10, 3, 32)).train()
+    out = model(torch.zeros(2, 3, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from scar.errors import DivergedError
+from scar.errors import ConfigError, DivergedError
 from scar.registry import Registry
 
 #: name → builder(num_classes, channels, size, **kwargs) -> nn.Module.
@@ -59,6 +59,42 @@ def check_finite(model: nn.Module, what: str, progress: str) -> None:
             f"({shown}); nothing was saved. Lower the learning rate (--set lr=...), or leave "
             "it unset where the method calibrates it."
         )
+
+
+#: Input sizes tried, in order, to tell a user which size a model needs.
+PROBE_SIZES = (32, 64, 75, 96, 128, 160, 224, 299)
+
+
+def check_input_fits(model: nn.Module, spec: ModelSpec) -> None:
+    """One forward pass of zeros at the spec's input size (eval mode, no grad) before any
+    training: a model that cannot take that size is a ConfigError naming the smallest size
+    (of :data:`PROBE_SIZES`) that a freshly built one can take."""
+    def fits(m: nn.Module, size: int) -> str | None:
+        x = torch.zeros(2, spec.channels, size, size)
+        try:
+            with eval_mode(m), torch.no_grad():
+                m(x)
+        except (RuntimeError, ValueError, AssertionError) as exc:
+            return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return None
+
+    reason = fits(model, spec.size)
+    if reason is None:
+        return
+    ok = None
+    for size in (s for s in PROBE_SIZES if s > spec.size):
+        try:
+            if fits(build_model(replace(spec, size=size)), size) is None:
+                ok = size
+                break
+        except Exception:  # noqa: BLE001 - a builder refusing the size is one more "no"
+            continue
+    hint = (f"it takes {ok}x{ok} inputs (e.g. --dataset-option size={ok} where the dataset "
+            "has that option)" if ok else f"none of the sizes {list(PROBE_SIZES)} worked either")
+    raise ConfigError(
+        f"Model {spec.name!r} cannot take {spec.channels}x{spec.size}x{spec.size} inputs "
+        f"({reason}); {hint}."
+    )
 
 
 @contextmanager

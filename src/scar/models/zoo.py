@@ -343,7 +343,16 @@ def torchvision_model(name: str, num_classes: int, channels: int, size: int, **k
             f"Model 'tv:{name}': pretrained weights are never downloaded; "
             "load a checkpoint instead."
         )
+    if name in TV_AUX_LOGITS:  # training and unlearning use the main output only
+        kwargs.setdefault("aux_logits", False)
+        kwargs.setdefault("init_weights", True)
+    if name.startswith("vit_"):  # torchvision's ViTs are built for one input size
+        kwargs.setdefault("image_size", size)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+
+
+#: torchvision models that return auxiliary classifier outputs in train mode by default.
+TV_AUX_LOGITS = ("googlenet", "inception_v3")
 
 
 @MODELS.register("timm:", help="any timm model (needs the 'timm' extra), e.g. timm:resnet10t")

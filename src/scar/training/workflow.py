@@ -13,7 +13,8 @@ from scar.checkpoint import save_checkpoint
 from scar.data.datasets import DatasetBundle, full_options, load_dataset
 from scar.data.forget import ForgetSpec, make_splits
 from scar.errors import ConfigError
-from scar.models.base import ModelSpec, build_model
+from scar.models.adapter import FeatureModel
+from scar.models.base import ModelSpec, build_model, check_input_fits
 from scar.training.recipes import RECIPES, Recipe
 from scar.training.trainer import train_model
 from scar.utils import device_name, resolve_device, seed_everything
@@ -77,6 +78,13 @@ def run_train_job(
                      kwargs=dict(job.model_kwargs or {}))
     seed_everything(job.seed)
     model = build_model(spec)
+    # Before any training: the input size and the head (found, and checked to produce the
+    # logits) must work, or the hour of training is lost to a late error.
+    # (fork_rng: the checks leave the random state of the training as it was.)
+    with torch.random.fork_rng(devices=[]):
+        check_input_fits(model, spec)
+        FeatureModel(model, head=spec.head,
+                     example=torch.zeros(2, spec.channels, spec.size, spec.size))
     if job.forget is None:
         train, test = bundle.train, bundle.test
     else:
