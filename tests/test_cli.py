@@ -217,3 +217,27 @@ def test_evaluate_refuses_an_oracle_of_another_task(trained, tmp_path, capsys):
                  "--no-mia", "--oracle", str(other)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--oracle" in err and "6-class model" in err
+
+
+def test_two_concurrent_unlearns_to_one_out_leave_one_consistent_checkpoint(trained, tmp_path):
+    """Issue 12: two unlearns to one --out once left random-labels weights under a
+    negative-gradient sidecar. Now each writer's weights + sidecar pair is written whole."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    out = tmp_path / "u.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "scar", "-q", "unlearn", "--checkpoint", str(trained),
+         "--forget-class", "1", "--method", method, "--set", "epochs=1",
+         "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        text=True) for method in ("negative_gradient", "random_labels")]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    with safe_open(str(out), framework="pt") as fh:
+        embedded = json.loads(fh.metadata()["scar_meta"])
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar == embedded and sidecar["method"] in ("negative_gradient", "random_labels")

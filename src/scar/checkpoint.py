@@ -22,7 +22,7 @@ from torch import nn
 from scar.data.base import InputSpec
 from scar.errors import CheckpointError, ConfigError, MissingDataError
 from scar.models.base import ModelSpec, build_model
-from scar.utils import atomic_write_bytes, atomic_write_json, versions
+from scar.utils import atomic_write_bytes, atomic_write_json, file_lock, versions
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,10 @@ def save_checkpoint(
     # readable copy, and a sidecar left by another writer or an interrupted save cannot pair
     # these weights with someone else's metadata (load_checkpoint prefers the embedded copy).
     embedded = json.dumps(side, sort_keys=True, default=str)
-    atomic_write_bytes(path, save(state, metadata={"format": FORMAT, META_KEY: embedded}))
-    atomic_write_json(sidecar_path(path), side)
+    data = save(state, metadata={"format": FORMAT, META_KEY: embedded})
+    with file_lock(path):  # two writers to one path: each pair is written whole
+        atomic_write_bytes(path, data)
+        atomic_write_json(sidecar_path(path), side)
     log.info("saved checkpoint %s", path)
     return path
 

@@ -357,3 +357,29 @@ def test_concurrent_sweeps_on_one_folder_record_every_run_once(base_run, tmp_pat
     ids = Counter(r["run_id"] for r in rows)
     assert len(ids) == base_run[1].total and set(ids.values()) == {1}
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_three_identical_sweeps_one_killed_lose_and_duplicate_nothing(base_run, tmp_path):
+    """The same sweep started three times on one --out, one of them killed -9 mid-run: every
+    run is recorded exactly once and ok (a rerun would finish anything the killed one held)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = with_checkpoints(base_run[0], tmp_path)
+    grid = tmp_path / "tiny.yaml"
+    grid.write_text(yaml.safe_dump(TINY, sort_keys=False))
+    argv = [sys.executable, "-m", "scar", "-q", "run", str(grid), "--out", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL) for _ in range(3)]
+    time.sleep(6)  # imports done, work under way
+    procs[0].send_signal(signal.SIGKILL)
+    codes = [p.wait(timeout=300) for p in procs]
+    assert codes[1:] == [0, 0] and codes[0] == -signal.SIGKILL
+    rows = ResultsStore(run_dir).rows()  # readable: no half row
+    ids = Counter(r["run_id"] for r in rows)
+    assert len(ids) == base_run[1].total and set(ids.values()) == {1}
+    assert all(r["status"] == "ok" for r in rows)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from scar.errors import ScarError
-from scar.utils import atomic_write_bytes
+from scar.utils import atomic_write_bytes, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +75,9 @@ class ResultsStore:
         """Ids with a row of status "ok" (failed runs are retried by a rerun)."""
         return {row["run_id"] for row in self.rows() if row.get("status") == "ok"}
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Exclusive lock of the store among processes on this machine (no-op where ``fcntl``
-        is missing, e.g. Windows: there, one writer per store)."""
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - not on POSIX
-            yield
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def locked(self) -> contextlib.AbstractContextManager[None]:
+        """Exclusive lock of the store among processes on this machine."""
+        return file_lock(self.path)
 
     def append(self, row: dict[str, Any]) -> bool:
         """Append ``row``; False (nothing written) when its run already has an "ok" row."""
