@@ -64,6 +64,12 @@ def lab(tmp_path_factory) -> Path:
     (d / "grid_list.yaml").write_text("- 1\n- 2\n")
     (d / "grid_badkey.yaml").write_text("dataset: synthetic\nscenario: CR\nclasses: [0]\n"
                                         "methodz: {scar: {}}\n")
+    (d / "grid_option_type.yaml").write_text("dataset: synthetic\ndataset_options: "
+                                             "{num_classes: ten}\nscenario: CR\nclasses: [0]\n"
+                                             "methods: {scar: {}}\n")
+    (d / "grid_no_surrogate_folder.yaml").write_text(
+        "dataset: synthetic\nscenario: CR\nclasses: [0]\nsurrogate: imagefolder:/nowhere\n"
+        "methods: {scar: {}}\n")
     (d / "run_garbled").mkdir()
     (d / "run_garbled" / "results.jsonl").write_text('{"run_id": "a"}\n{garbled\n{"run_id": "b"}\n')
     (d / "run_nokeys").mkdir()
@@ -175,6 +181,10 @@ CASES = {
     "grid a list": lambda d: ["run", f"{d}/grid_list.yaml", "--out", "OUT/run", "--dry-run"],
     "grid key typo": lambda d: ["run", f"{d}/grid_badkey.yaml", "--out", "OUT/run",
                                 "--dry-run"],
+    "grid option of the wrong type": lambda d: ["run", f"{d}/grid_option_type.yaml", "--out",
+                                                "OUT/run", "--dry-run"],
+    "grid surrogate folder missing": lambda d: ["run", f"{d}/grid_no_surrogate_folder.yaml",
+                                                "--out", "OUT/run", "--dry-run"],
     "report: no results": lambda d: ["report", f"{d}/run_empty", "--out", "OUT/rep"],
     "report: garbled middle line": lambda d: ["report", f"{d}/run_garbled", "--out", "OUT/rep"],
     "report: row without keys": lambda d: ["report", f"{d}/run_nokeys", "--out", "OUT/rep"],

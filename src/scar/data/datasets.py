@@ -206,6 +206,27 @@ def option_defaults(name: str) -> dict[str, Any]:
             and p.default is not p.empty}
 
 
+def check_option_types(name: str, options: Mapping[str, Any], where: str) -> None:
+    """Typed option values (from a grid file) must have the type of the loader's default:
+    ConfigError naming the option, the expected type and the value otherwise."""
+    defaults = option_defaults(name)
+    for key, value in options.items():
+        like = defaults.get(key)
+        if like is None or value is None:
+            continue
+        if isinstance(like, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(like, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(like, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, type(like))
+        if not ok:
+            raise ConfigError(f"{where}: option {key!r} must be a {type(like).__name__} (default "
+                              f"{like!r}); got {value!r} ({type(value).__name__}).")
+
+
 def full_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``options`` of dataset ``name`` checked against its loader (unknown keys → ConfigError)
     and completed with the loader's defaults: what a checkpoint records, so that reloading its

@@ -433,6 +433,7 @@ def validate_grid(grid: Grid) -> None:
         KNOWN_DATASETS,
         RESERVED_KEYWORDS,
         check_channels,
+        check_option_types,
         check_options,
     )
     from scar.data.surrogates import SURROGATES
@@ -443,9 +444,9 @@ def validate_grid(grid: Grid) -> None:
     for dataset in grid.datasets:
         loader, _ = DATASETS.resolve(dataset)
         for entry in grid.models:
-            check_options(f"dataset {dataset!r} (grid key 'dataset_options', model "
-                          f"{entry.label})", loader, entry.dataset_options,
-                          reserved=RESERVED_KEYWORDS)
+            where = f"dataset {dataset!r} (grid key 'dataset_options', model {entry.label})"
+            check_options(where, loader, entry.dataset_options, reserved=RESERVED_KEYWORDS)
+            check_option_types(dataset, entry.dataset_options, where)
             if "channels" in entry.dataset_options and dataset in KNOWN_DATASETS:
                 check_channels(dataset, entry.dataset_options["channels"])
             num = known_num_classes(dataset, entry.dataset_options)
@@ -468,7 +469,12 @@ def validate_grid(grid: Grid) -> None:
         except ConfigError as exc:
             raise ConfigError(f"grid key 'train' (model {entry.label}): {exc}") from exc
     if grid.surrogate is not None:
-        SURROGATES.resolve(grid.surrogate)
+        source, arg = SURROGATES.resolve(grid.surrogate)
+        if grid.surrogate.startswith("imagefolder:") and arg is not None:
+            folder = Path(arg).expanduser()
+            if not folder.is_dir() and not (grid.data_dir is not None and not folder.is_absolute()
+                                            and (Path(grid.data_dir) / folder).is_dir()):
+                raise ConfigError(f"grid key 'surrogate': image folder {folder} does not exist.")
     if grid.oracles == "none" and "retrain" in dict(grid.methods):
         raise ConfigError(
             "grid key 'methods' lists 'retrain' but 'oracles' is \"none\": no oracle is "
