@@ -155,6 +155,8 @@ CASES = {
                                               "--dataset-option", "channels=3", "--model",
                                               "tv:alexnet", "--epochs", "1", "--out",
                                               "OUT/t.safetensors"],
+    "train --out under a file": lambda d: ["train", "--dataset", "synthetic", "--epochs", "1",
+                                           "--out", f"{d}/not_a_folder/t.safetensors"],
     "forget fraction 1.5": lambda d: ["train", "--dataset", "synthetic", "--forget-fraction",
                                       "1.5", "--out", "OUT/t.safetensors"],
     # evaluate / forget-set

@@ -128,7 +128,7 @@ def _registries() -> dict:
 
 @command("train")
 def cmd_train(args: argparse.Namespace) -> int:
-    from scar.checkpoint import load_checkpoint
+    from scar.checkpoint import check_output, load_checkpoint, sidecar_path
     from scar.training.workflow import TrainJob, run_train_job
 
     forget = forget_spec_from_args(args)
@@ -139,6 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     job = TrainJob(dataset=args.dataset, dataset_options=options, model=args.model,
                    forget=forget, recipe_overrides=overrides, seed=args.seed, head=args.head)
     out = Path(args.out) if args.out else Path("checkpoints") / default_name(job)
+    weights = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
+    check_output([weights, sidecar_path(weights), weights.with_suffix(".stats.safetensors")], [])
     path = run_train_job(job, out, device=args.device, data_dir=args.data_dir,
                          download=args.download, amp=not args.no_amp, progress=not args.quiet)
     ck = load_checkpoint(path)
