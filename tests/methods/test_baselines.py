@@ -12,8 +12,8 @@ from torch import nn
 from scar.data.base import InputSpec, TensorImages
 from scar.errors import ConfigError, MissingRequirementError
 from scar.methods import build_method
-from scar.methods._loops import StopCheck, seeded
-from scar.methods.base import UnlearnData, accuracy_on, check_below
+from scar.methods._loops import StopCheck
+from scar.methods.base import UnlearnData, accuracy_on, check_below, seeded
 from scar.methods.duck import class_centroids, nearest_wrong_centroid
 from scar.methods.random_labels import random_targets
 from scar.methods.retrain import reinitialize

@@ -85,6 +85,18 @@ def test_does_not_mutate_input_and_is_deterministic(name, tiny_model, synth, cr_
 
 
 @pytest.mark.parametrize("name", METHODS.names())
+def test_the_callers_random_stream_is_left_alone(name, tiny_model, synth, cr_splits, surrogate,
+                                                 stats):
+    """Issue 11: SCAR reseeded the caller's global generator (torch.manual_seed(data.seed))."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    build_method(name, **fast(name)).unlearn(tiny_model, make_data(synth, cr_splits, surrogate,
+                                                                   stats))
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
 def test_missing_required_data_is_a_clear_error(name, tiny_model, synth, cr_splits, surrogate,
                                                 stats):
     method = build_method(name, **fast(name))

@@ -15,8 +15,7 @@ ends as soon as the target is out of reach (:func:`scar.methods.base.check_below
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -89,23 +88,6 @@ def check_milestones(value: object) -> None:
 
 
 # ----------------------------------------------------------------------------- setup helpers
-@contextmanager
-def seeded(data: UnlearnData) -> Iterator[torch.Generator]:
-    """Seed torch with ``data.seed`` for the block and restore the caller's RNG state afterwards.
-
-    Yields a CPU generator for the method's own sampling (random labels, ...); the global seed
-    covers what the model draws itself (dropout). Forking keeps an unlearning call from
-    changing the random stream of whatever runs after it.
-    """
-    devices = []
-    if data.device.type == "cuda":
-        index = data.device.index
-        devices = [torch.cuda.current_device() if index is None else index]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(data.seed)
-        yield torch.Generator().manual_seed(data.seed)
-
-
 def epoch_scheduler(opt: torch.optim.Optimizer, milestones: Sequence[int]):
     """MultiStepLR stepped once per epoch, ×0.5 at each milestone (reference baselines)."""
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=LR_DECAY)

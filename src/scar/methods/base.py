@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -337,6 +338,23 @@ def _clearly_above(correct: int, seen: int, total: int, target: float, z: float)
     p = correct / seen
     var = max(p * (1 - p), 1.0 / seen) / seen * (1 - seen / total)
     return p - z * math.sqrt(var) > target
+
+
+@contextmanager
+def seeded(data: UnlearnData) -> Iterator[torch.Generator]:
+    """Seed torch with ``data.seed`` for the block and restore the caller's RNG state afterwards.
+
+    Yields a CPU generator for the method's own sampling (random labels, ...); the global seed
+    covers what the model draws itself (dropout). Forking keeps an unlearning call from
+    changing the random stream of whatever runs after it (every method runs its loop in it).
+    """
+    devices = []
+    if data.device.type == "cuda":
+        index = data.device.index
+        devices = [torch.cuda.current_device() if index is None else index]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(data.seed)
+        yield torch.Generator().manual_seed(data.seed)
 
 
 def set_bn_train(model: nn.Module, train_bn: bool) -> None:

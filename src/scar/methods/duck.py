@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from scar.data.base import Batch
 from scar.errors import MissingRequirementError, check_range
 from scar.methods import _loops
-from scar.methods.base import HR_MARGIN, Method, UnlearnData, cycle, register
+from scar.methods.base import HR_MARGIN, Method, UnlearnData, cycle, register, seeded
 from scar.models.adapter import FeatureModel
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ class Duck(Method):
         check_range("hr_margin", self.hr_margin, 0, 1)
 
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
-        with _loops.seeded(data):
+        with seeded(data):
             # Find the head once with a real forward pass; the copy has the same module names.
             example = next(iter(data.loader("forget", 2, shuffle=False))).x
             teacher = FeatureModel(original, head=data.head, example=example)

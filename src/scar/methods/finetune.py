@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from scar.errors import check_range
 from scar.methods import _loops
-from scar.methods.base import Method, UnlearnData, register
+from scar.methods.base import Method, UnlearnData, register, seeded
 
 
 @register
@@ -55,7 +55,7 @@ class FineTune(Method):
         _loops.check_milestones(self.milestones)
 
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
-        with _loops.seeded(data):
+        with seeded(data):
             retain = data.loader("retain", self.batch_size, shuffle=True)
             opt = _loops.make_optimizer("sgd", model.parameters(), self.lr, self.momentum,
                                         self.weight_decay)

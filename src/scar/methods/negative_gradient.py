@@ -21,7 +21,7 @@ from torch import nn
 
 from scar.data.base import Batch
 from scar.methods import _loops
-from scar.methods.base import UnlearnData, register
+from scar.methods.base import UnlearnData, register, seeded
 
 
 @register
@@ -39,7 +39,7 @@ class NegativeGradient(_loops.SGDForgetMethod):
             # The sign is the method: maximise the forget loss by minimising its negative.
             return _loops.StepOut(-ce, logits, {"ce_forget": float(ce.detach())})
 
-        with _loops.seeded(data):
+        with seeded(data):
             opt = _loops.make_optimizer(self.optimizer, model.parameters(), self.lr,
                                         self.momentum, self.weight_decay)
             _loops.run_until_forgotten(self, model, data, step, optimizer=opt,

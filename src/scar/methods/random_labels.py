@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from scar.data.base import Batch
 from scar.errors import ConfigError
 from scar.methods import _loops
-from scar.methods.base import UnlearnData, register
+from scar.methods.base import UnlearnData, register, seeded
 
 
 def random_targets(labels: Tensor, data: UnlearnData, generator: torch.Generator) -> Tensor:
@@ -50,7 +50,7 @@ class RandomLabels(_loops.SGDForgetMethod):
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
         if data.num_classes < 2 or not data.kept_classes():
             raise ConfigError("random_labels needs at least one class that is not removed.")
-        with _loops.seeded(data) as gen:
+        with seeded(data) as gen:
             def step(batch: Batch, _k: int) -> _loops.StepOut:
                 logits = model(batch.x)
                 loss = F.cross_entropy(logits, random_targets(batch.y, data, gen))

@@ -23,7 +23,7 @@ from torch import nn
 
 from scar.errors import ConfigError, check_choice
 from scar.methods import _loops
-from scar.methods.base import Method, UnlearnData, register
+from scar.methods.base import Method, UnlearnData, register, seeded
 from scar.training.recipes import OPTIMIZERS, RECIPES, SCHEDULES, Recipe
 from scar.training.trainer import train_model
 
@@ -86,7 +86,7 @@ class Retrain(Method):
 
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
         # ``model`` is already the caller's private deep copy: re-initialise it in place.
-        with _loops.seeded(data):  # forked: train_model reseeds the global generator
+        with seeded(data):  # forked: train_model reseeds the global generator
             kept = reinitialize(model)
             if kept:
                 log.warning("retrain: %d parameter(s) have no reset_parameters() and keep the "

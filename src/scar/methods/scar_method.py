@@ -35,6 +35,7 @@ from scar.methods.base import (
     cycle,
     fused_if_supported,
     register,
+    seeded,
     set_bn_train,
     stop_target,
 )
@@ -364,7 +365,10 @@ class SCAR(Method):
 
     # -- the loop -------------------------------------------------------------------------
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
-        torch.manual_seed(data.seed)
+        with seeded(data):  # seeds torch for the run; the caller's random state is restored
+            return self._run(model, original, data)
+
+    def _run(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
         dev = data.device
         student, teacher = self.wrap(model, original, data)
         forget, surrogate, target_acc = self.prepare(teacher, data)
