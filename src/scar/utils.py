@@ -98,9 +98,9 @@ def versions() -> dict[str, str]:
 
 @contextlib.contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
-    """Exclusive lock among processes on this machine, held on ``<path>.lock`` (``flock``;
-    the kernel releases it if the process dies). A no-op where ``fcntl`` is missing (Windows):
-    there, one writer per file."""
+    """Exclusive lock among processes on this machine, held on a hidden ``.<name>.lock`` next
+    to ``path`` (``flock``; the kernel releases it if the process dies). A no-op where
+    ``fcntl`` is missing (Windows): there, one writer per file."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not on POSIX
@@ -108,7 +108,7 @@ def file_lock(path: str | Path) -> Iterator[None]:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as fh:
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

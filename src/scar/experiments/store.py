@@ -22,7 +22,7 @@ written by other means, or a copy cut short) is skipped with a warning when read
 by the next append.
 
 Several processes may write one store (e.g. ``scar run`` split with ``--only``, or the same sweep
-started twice): each append holds an exclusive lock (``flock`` on ``results.jsonl.lock``, released
+started twice): each append holds an exclusive lock (``flock`` on ``.results.jsonl.lock``, released
 by the kernel if the process dies) around its read-rename, so no process rewrites the file over
 another's row; and a row whose run already has an "ok" row is not appended again, so a run
 that two processes both finished appears once (the first "ok" row wins).
