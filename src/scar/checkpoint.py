@@ -157,7 +157,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if embedded is not None:
         if side.exists():
             try:
-                same = json.loads(side.read_text()) == json.loads(json.dumps(embedded))
+                same = json.loads(side.read_text()) == embedded
             except (json.JSONDecodeError, OSError, UnicodeDecodeError):
                 same = False
             if not same:

@@ -529,12 +529,17 @@ def decode_image(path: Path, channels: int) -> torch.Tensor:
     return t[None] if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
 
 
+def _decode_resized(path: Path, channels: int, size: int) -> torch.Tensor:
+    """One image file as uint8 [channels, size, size]."""
+    return resize_images(decode_image(path, channels)[None], channels, size)[0]
+
+
 def decode_images(paths: Sequence[Path], channels: int, size: int) -> torch.Tensor:
     """Decode and resize image files into one uint8 [N, channels, size, size] tensor."""
     out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
     step = max(10_000, len(paths) // 10)
     for i, path in enumerate(paths):
-        out[i] = resize_images(decode_image(path, channels)[None], channels, size)[0]
+        out[i] = _decode_resized(path, channels, size)
         if (i + 1) % step == 0:
             log.info("Decoded %d / %d images", i + 1, len(paths))
     return out
@@ -549,7 +554,7 @@ def decode_images_skipping(paths: Sequence[Path], channels: int, size: int, what
     out = torch.empty((len(paths), channels, size, size), dtype=torch.uint8)
     for i, path in enumerate(paths):
         try:
-            out[len(kept)] = resize_images(decode_image(path, channels)[None], channels, size)[0]
+            out[len(kept)] = _decode_resized(path, channels, size)
         except ConfigError as exc:
             bad.append(f"{path.name} ({str(exc).split(': ', 1)[-1][:80]})")
             continue

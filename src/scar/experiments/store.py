@@ -30,7 +30,6 @@ that two processes both finished appears once (the first "ok" row wins).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Iterable
@@ -75,15 +74,11 @@ class ResultsStore:
         """Ids with a row of status "ok" (failed runs are retried by a rerun)."""
         return {row["run_id"] for row in self.rows() if row.get("status") == "ok"}
 
-    def locked(self) -> contextlib.AbstractContextManager[None]:
-        """Exclusive lock of the store among processes on this machine."""
-        return file_lock(self.path)
-
     def append(self, row: dict[str, Any]) -> bool:
         """Append ``row``; False (nothing written) when its run already has an "ok" row."""
         check_row(row)
         line = json.dumps(row, sort_keys=True, default=_json_default).encode("utf-8") + b"\n"
-        with self.locked():
+        with file_lock(self.path):
             existing = self.path.read_bytes() if self.path.exists() else b""
             if any(r.get("status") == "ok" and r["run_id"] == row["run_id"]
                    for r in parse_rows(existing, str(self.path))):
