@@ -92,3 +92,19 @@ def test_record_appends_a_dated_section(tmp_path):
                    "- versions: scar ", "| a | b |", "| 1 | 2 |", "a note"):
         assert needle in text
     assert not list(tmp_path.glob(".RESULTS.md.*"))  # no temporary file left behind
+
+
+def test_logit_mask_runs_on_a_checkpoint(tmp_path):
+    """benchmarks/logit_mask.py (the yardstick quoted for self-forget in the README)."""
+    ck = tmp_path / "m.safetensors"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "scar", "-q", "train", "--dataset", "synthetic",
+                    "--epochs", "1", "--out", str(ck)], cwd=ROOT, env=env, check=True,
+                   timeout=300)
+    proc = subprocess.run([sys.executable, "benchmarks/logit_mask.py", "--original", str(ck),
+                           "--classes", "0,3"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("class ")]
+    assert [ln.split(":")[0].strip() for ln in lines] == ["class 0", "class 3"]
+    assert all("forget-test 0.00%" in ln for ln in lines)
