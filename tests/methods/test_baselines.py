@@ -48,6 +48,7 @@ BAD = [
     ("finetune", {"milestones": (40, 25)}),
     ("negative_gradient", {"epochs": 0}),
     ("negative_gradient", {"optimizer": "rmsprop"}),
+    ("negative_gradient", {"stop_check": "batch"}),
     ("random_labels", {"batch_size": 2.5}),
     ("random_labels", {"weight_decay": -1.0}),
     ("duck", {"temperature": 0.0}),
@@ -199,6 +200,56 @@ def test_random_targets_exclude_removed_and_true_labels(train_set):
     assert not (hr == y).any() and set(hr.tolist()) == set(range(NUM_CLASSES))
     cr = random_targets(y, make_data(train_set, "CR"), gen)
     assert REMOVED not in cr.tolist() and len(set(cr.tolist())) == NUM_CLASSES - 1
+
+
+def test_random_targets_may_draw_the_true_label_as_the_reference(train_set):
+    y = torch.arange(NUM_CLASSES).repeat(50)
+    hr = random_targets(y, make_data(train_set, "HR"), torch.Generator().manual_seed(0),
+                        allow_true_label=True)
+    # Known answer: uniform over all classes, the same draws as torch.randint with that seed.
+    assert torch.equal(hr, torch.randint(NUM_CLASSES, (len(y),),
+                                         generator=torch.Generator().manual_seed(0)))
+    assert (hr == y).any()
+    cr = random_targets(y, make_data(train_set, "CR"), torch.Generator().manual_seed(0),
+                        allow_true_label=True)
+    assert REMOVED not in cr.tolist()  # in CR the draw stays among the kept classes
+
+
+def test_stop_check_modes():
+    auto, epoch, step = (StopCheck(target=0.01, mode=m) for m in ("auto", "epoch", "step"))
+    assert auto.worth_checking(0.0) and not auto.worth_checking(0.5)
+    assert not epoch.worth_checking(0.0) and epoch.worth_checking(0.5, end_of_epoch=True)
+    assert step.worth_checking(0.5)
+
+
+@pytest.mark.parametrize("name", ["negative_gradient", "random_labels"])
+def test_epoch_stop_check_evaluates_the_forget_set_once_per_epoch(name, trained, train_set):
+    method = build_method(name, epochs=30, batch_size=16, stop_check="epoch")
+    method.unlearn(trained, make_data(train_set))
+    per_epoch = -(-PER_CLASS // 16)  # 40 forget images in batches of 16: 3 batches
+    checked = [r for r in method.history_ if "forget_acc" in r or "forget_acc_min" in r]
+    assert [r["step"] for r in checked] == [per_epoch * e for e in range(1, len(checked) + 1)]
+    assert checked[-1]["forget_acc"] < 0.01 and len(method.history_) == checked[-1]["step"]
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_duck_forget_batches_in_a_fixed_order_without_shuffle(shuffle, trained, train_set,
+                                                              monkeypatch):
+    from scar.methods.duck import Duck
+
+    seen: list[torch.Tensor] = []
+    loss = Duck._loss
+
+    def recording(self, student, forget, retain, targets):
+        seen.append(forget.idx.cpu())
+        return loss(self, student, forget, retain, targets)
+
+    monkeypatch.setattr(Duck, "_loss", recording)
+    hp = {**FAST["duck"], "retain_steps": 1, "shuffle_forget": shuffle}
+    build_method("duck", **hp).unlearn(trained, make_data(train_set))
+    order = torch.cat(seen)
+    in_index_order = torch.equal(order, torch.arange(len(order)) % PER_CLASS)
+    assert in_index_order == (not shuffle)
 
 
 @pytest.mark.parametrize("scenario", ["CR", "HR"])

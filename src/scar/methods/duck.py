@@ -5,19 +5,23 @@ class centroid while fine-tuning on retain batches (spec §8).
    class, from the first ``centroid_batches`` shuffled retain batches (reference: 10).
 2. Nearest wrong centroid: for every forget sample, once, with the original model: the kept class
    ``c ≠ label`` whose centroid is nearest by cosine distance. Stored per *sample* and as a class
-   id. (The reference recomputes it during its first epoch and then reuses it by batch position
-   of a shuffled loader, and indexes the list of kept classes with class ids; both are wrong
-   as soon as the order changes or a class is removed.)
+   id. (The reference assigns it during its first epoch and reuses it by batch position; its
+   forget loader is not shuffled, so a position holds the same samples in every epoch. It
+   indexes the list of kept classes with class ids, which is wrong as soon as a class is
+   removed.)
 3. Loss per step: ``λ1 · mean(1 − cos(f(x_f), centroid))`` on the forget batch
    ``+ λ2 · CE(logits(x_r) / T, y_r)`` on a retain batch; ``retain_steps`` steps (each with a new
    retain batch) per forget batch; Adam; same stopping rule as the other baselines.
 
 Defaults are the DUCK repository's: Adam lr 4e-4, weight decay 0, batch 256, λ1 = 1, λ2 = 1.4,
 T = 2, MultiStepLR (25, 40) ×0.5 per epoch, centroids from 10 retain batches. ``retain_steps = 6``
-reproduces its ``batch_fgt_ret_ratio = 5`` (its ``>`` check lets 6 steps through). Classes absent
-from the centroid batches get no centroid (the reference would produce a NaN one). Measured on
-Fashion-MNIST (``fastcnn``, class 0 removed, CPU): 36 steps to the CR target, retain-test
-0.908 → 0.885.
+reproduces its ``batch_fgt_ret_ratio = 5`` (its ``>`` check lets 6 steps through). The SCAR
+repository runs DUCK with lr 5e-4, λ2 = 5, T = 1, batches of 1024, label smoothing 0.2 on
+TinyImageNet, and forget batches in a fixed order (``shuffle_forget=False``): the ``reference``
+preset (``presets.py``); forget batches stay shuffled by default, as before the option existed.
+Classes absent from the centroid batches get no centroid (the reference would produce a NaN one).
+Measured on Fashion-MNIST (``fastcnn``, class 0 removed, CPU): 36 steps to the CR target,
+retain-test 0.908 → 0.885.
 
 Needs both forget and retain data: not retain-free.
 """
@@ -120,6 +124,7 @@ class Duck(Method):
     centroid_batches: int = 10
     milestones: tuple[int, ...] = (25, 40)
     hr_margin: float = HR_MARGIN  # HR stops below A_test − hr_margin (reference 0.015)
+    shuffle_forget: bool = True  # forget batches in a new random order each epoch (reference: no)
 
     def validate(self) -> None:
         check_range("lr", self.lr, 0, low_inclusive=False)
@@ -154,7 +159,8 @@ class Duck(Method):
             _loops.run_until_forgotten(self, model, data, step, optimizer=opt,
                                        epochs=self.epochs, batch_size=self.batch_size,
                                        milestones=self.milestones,
-                                       steps_per_batch=self.retain_steps)
+                                       steps_per_batch=self.retain_steps,
+                                       shuffle=self.shuffle_forget)
         return model
 
     def _loss(self, student: FeatureModel, forget: Batch, retain: Batch,

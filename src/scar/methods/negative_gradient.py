@@ -44,5 +44,6 @@ class NegativeGradient(_loops.SGDForgetMethod):
                                         self.momentum, self.weight_decay)
             _loops.run_until_forgotten(self, model, data, step, optimizer=opt,
                                        epochs=self.epochs, batch_size=self.batch_size,
-                                       milestones=self.milestones)
+                                       milestones=self.milestones,
+                                       stop_check=self.stop_check)
         return model
