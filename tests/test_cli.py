@@ -112,6 +112,44 @@ def test_list(capsys):
         assert word in out
 
 
+def test_list_presets_prints_each_methods_values(capsys):
+    assert main(["list", "presets"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("presets:\n  reference ")
+    for text in ("scar: ", "surrogate_steps=6", "stop_from_epoch=2", "random_labels: ",
+                 "allow_true_label=True", "scar on tinyimagenet: hr_gate=0.4, surrogate_steps=91"):
+        assert text in out, text
+
+
+def test_unlearn_with_a_preset_records_it_and_set_overrides_it(trained, tmp_path, capsys):
+    out = tmp_path / "ng.safetensors"
+    rc = main(["-q", "unlearn", "--checkpoint", str(trained), "--forget-class", "1",
+               "--method", "negative_gradient", "--preset", "reference", "--set", "epochs=2",
+               "--set", "batch_size=64", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "negative_gradient (preset reference) on" in text
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["preset"] == "reference"
+    hp = meta["hparams"]
+    assert (hp["lr"], hp["stop_check"], hp["hr_margin"]) == (5e-4, "epoch", 0.015)  # the preset
+    assert (hp["epochs"], hp["batch_size"]) == (2, 64)  # --set wins
+
+
+@pytest.mark.parametrize(("method", "preset", "words"), [
+    ("scar", "refrence", ["Unknown preset 'refrence'", "Did you mean 'reference'"]),
+    ("retrain", "reference", ["no settings for method 'retrain'", "covers", "scar"]),
+])
+def test_unknown_preset_is_a_clear_error(method, preset, words, trained, tmp_path, capsys):
+    rc = main(["-q", "unlearn", "--checkpoint", str(trained), "--forget-class", "1",
+               "--method", method, "--preset", preset, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (tmp_path / "o").exists()
+
+
 def test_dataset_options_travel_with_the_checkpoint(fake_fmnist_dir, tmp_path, capsys):
     """Grey Fashion-MNIST as RGB: `train` records the option, `unlearn` and `evaluate` reuse it
     without being told, and the unlearned checkpoint records it again."""

@@ -107,6 +107,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in reg.names():
             extra = reg.help(name)
             print(f"  {name:<22} {extra}".rstrip())
+            for line in reg.details(name):
+                print(line)
     return 0
 
 
@@ -119,8 +121,10 @@ def _registries() -> dict:
     regs = {"datasets": DATASETS, "models": MODELS, "surrogates": SURROGATES, "recipes": RECIPES}
     try:
         from scar.methods import METHODS
+        from scar.methods.presets import PRESETS
 
         regs["methods"] = METHODS
+        regs["presets"] = PRESETS
     except ImportError:  # methods package not present yet
         pass
     return regs
@@ -235,6 +239,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from scar.evaluation.audit import audit_models
     from scar.experiments import unlearn as ul
     from scar.methods import build_method
+    from scar.methods.presets import with_preset
     from scar.utils import resolve_device
 
     ck = load_checkpoint(args.checkpoint)
@@ -243,7 +248,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     bundle = load_checkpoint_dataset(ck, args)
     spec = forget_spec_from_args(args)
     splits = make_splits(bundle, spec)
-    method = build_method(args.method, **parse_sets(args.set))
+    method = build_method(args.method, **with_preset(args.method, parse_sets(args.set),
+                                                     args.preset, bundle.info.name))
     device = resolve_device(args.device)
     surrogate = None
     if "surrogate" in method.uses():
@@ -255,8 +261,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     results, _ = audit_models({"original": ck.model, "unlearned": outcome.model}, splits,
                               ck.input_spec, data.scenario, device=device, mia=args.mia)
     out = ul.save_unlearned(Path(args.out), outcome, ck, splits, data, results["unlearned"],
-                            dataset_options=bundle.options)
-    print(f"{method.name} on {splits.spec.describe()}: {outcome.seconds:.1f}s on "
+                            dataset_options=bundle.options, preset=args.preset)
+    preset = f" (preset {args.preset})" if args.preset else ""
+    print(f"{method.name}{preset} on {splits.spec.describe()}: {outcome.seconds:.1f}s on "
           f"{data.device} ({outcome.info.get('stop_reason_', 'done')})")
     print(f"data access: {outcome.profile}")
     print(format_summary(results, data.scenario))
@@ -372,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("list", help="list registered datasets, models, methods, surrogates")
-    p.add_argument("what", nargs="?", choices=["datasets", "models", "methods", "surrogates",
-                                                "recipes"])
+    p.add_argument("what", nargs="?", choices=["datasets", "models", "methods", "presets",
+                                                "surrogates", "recipes"])
 
     p = sub.add_parser("train", help="train the original model, or the oracle with a forget spec")
     add_data_args(p)
@@ -414,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="surrogate source (see `scar list surrogates`; default per dataset)")
     p.add_argument("--surrogate-n", type=int, default=None,
                    help=f"number of surrogate images (default {5000})")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="named hyperparameters of the method (see `scar list presets`), e.g. "
+                        "reference; --set values override them")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, e.g. --set lambda_2=5 --set stats=retain")
     p.add_argument("--mia", action="store_true", help="also run the membership-inference attack")

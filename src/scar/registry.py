@@ -18,10 +18,11 @@ class Registry(Generic[T]):
     component receive the argument as its first positional parameter.
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, describe: Callable[[T], list[str]] | None = None):
         self.kind = kind
         self._items: dict[str, T] = {}
         self._help: dict[str, str] = {}
+        self._describe = describe
 
     def register(self, name: str, help: str = "") -> Callable[[T], T]:
         def decorator(obj: T) -> T:
@@ -58,6 +59,11 @@ class Registry(Generic[T]):
 
     def help(self, name: str) -> str:
         return self._help.get(name, "")
+
+    def details(self, name: str) -> list[str]:
+        """Further lines about ``name`` for ``scar list`` (none unless the registry was given a
+        ``describe`` function)."""
+        return self._describe(self._items[name]) if self._describe else []
 
     def __contains__(self, name: object) -> bool:
         try:

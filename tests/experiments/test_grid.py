@@ -123,6 +123,12 @@ def test_run_ids_are_stable_across_processes():
         ({"seeds": [0, 0]}, ConfigError, ["seeds", "repeat"]),
         ({"device": "gpu"}, ConfigError, ["device", "cuda:N", "gpu"]),
         ({"dataset": ["synthetic", "synthetic"]}, ConfigError, ["same run twice"]),
+        ({"preset": "refrence"}, UnknownComponentError, ["preset", "'reference'"]),
+        ({"methods": {"scar": {"preset": "fast"}}}, ConfigError,
+         ["methods.scar", "'fast'", "reference"]),
+        ({"methods": {"scar": {"preset": 3}}}, ConfigError, ["methods.scar.preset", "3"]),
+        ({"methods": {"retrain": {"preset": "reference"}}}, ConfigError,
+         ["methods.retrain", "['preset']"]),
     ],
 )
 def test_malformed_grids_fail_with_a_clear_message(changes, error, words):
@@ -281,3 +287,49 @@ def test_a_grid_that_is_not_utf8_is_a_clear_error(tmp_path):
     grid.write_bytes("dataset: synthétique\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_grid(grid)
+
+
+def test_grid_preset_resolves_to_the_preset_values_and_is_recorded():
+    from scar.methods.presets import PRESETS
+
+    methods = {"scar": {"epochs": 1}, "negative_gradient": {"preset": None},
+               "random_labels": {}, "retrain": {}}
+    specs = expand(grid_with(preset="reference", methods=methods))
+    by_method = {s.method: s for s in specs if s.forget_id == "class0"}
+    scar = by_method["scar"]
+    reference = PRESETS.get("reference").values("scar")
+    assert scar.preset == "reference"
+    assert {k: scar.hparams[k] for k in reference if k != "epochs"} == \
+        {k: v for k, v in reference.items() if k != "epochs"}
+    assert scar.hparams["epochs"] == 1  # the method's own value wins over the preset's 30
+    assert hparams_changed(scar) == {"preset": "reference", "epochs": 1}
+    assert by_method["random_labels"].hparams["allow_true_label"] is True
+    ng = by_method["negative_gradient"]  # its own 'preset: null' keeps the defaults
+    assert ng.preset is None and ng.hparams["stop_check"] == "auto"
+    assert by_method["retrain"].preset is None and by_method["original"].preset is None
+    assert scar.to_dict()["preset"] == "reference" and "preset" not in ng.to_dict()
+
+
+def test_a_preset_changes_the_run_id_and_no_preset_keeps_the_old_ids():
+    plain = {s.run_id for s in expand(grid_with())}
+    explicit_none = {s.run_id for s in expand(grid_with(preset=None))}
+    assert explicit_none == plain
+    with_preset = {s.method: s.run_id for s in expand(grid_with(preset="reference"))
+                   if s.forget_id == "class0"}
+    base = {s.method: s.run_id for s in expand(grid_with()) if s.forget_id == "class0"}
+    assert with_preset["scar"] != base["scar"] and with_preset["original"] == base["original"]
+
+
+def test_paper_grids_use_the_reference_preset_with_dataset_values():
+    configs = Path(__file__).parents[2] / "configs"
+    for name in ("cifar10", "cifar100", "tinyimagenet"):
+        for scenario in ("cr", "hr"):
+            grid = load_grid(configs / f"{name}_{scenario}.yaml")
+            assert grid.preset == "reference"
+            assert all(h == {} for _, h in grid.methods), "copied hyperparameter blocks are back"
+    tiny = [s for s in expand(load_grid(configs / "tinyimagenet_hr.yaml")) if s.seed == 0]
+    scar = next(s for s in tiny if s.method == "scar")
+    assert (scar.hparams["surrogate_steps"], scar.hparams["hr_gate"]) == (91, 0.4)
+    assert next(s for s in tiny if s.method == "duck").hparams["label_smoothing"] == 0.2
+    cifar = next(s for s in expand(load_grid(configs / "cifar10_hr.yaml")) if s.method == "scar")
+    assert (cifar.hparams["surrogate_steps"], cifar.hparams["hr_gate"]) == (6, 0.8)

@@ -219,6 +219,17 @@ def test_swept_hyperparameters_get_their_own_rows(tmp_path):
     assert names == ["original", "retrain", "scar [lambda_2=unset]", "scar [lambda_2=5]"]
 
 
+def test_a_preset_is_named_in_the_row_label(tmp_path):
+    rows = all_rows()
+    rows += [make_row("scar", c, run_id=f"scar-ref-{c}", preset="reference",
+                      hparams={"lambda_2": 5}) for c in (0, 1)]
+    rows += [make_row("scar", c, run_id=f"scar-ref2-{c}", preset="reference",
+                      hparams={"lambda_2": 8}) for c in (0, 1)]
+    names = [g.method for g in summarize(rows)]
+    assert names == ["original", "retrain", "scar", "scar [preset=reference, lambda_2=5]",
+                     "scar [preset=reference, lambda_2=8]"]
+
+
 def test_label_offsets_move_only_labels_that_would_overlap():
     # scar and duck at nearly the same (time, AUS); retrain and NG far away (the CR grid).
     names = ["scar", "duck", "retrain", "negative_gradient"]

@@ -383,3 +383,13 @@ def test_three_identical_sweeps_one_killed_lose_and_duplicate_nothing(base_run, 
     ids = Counter(r["run_id"] for r in rows)
     assert len(ids) == base_run[1].total and set(ids.values()) == {1}
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_rows_record_the_preset_of_their_run():
+    from scar.experiments.grid import expand
+    from scar.experiments.runner import make_row
+
+    specs = expand(load_grid({**TINY, "preset": "reference"}))
+    rows = {s.method: make_row(s, metrics={}) for s in specs}
+    assert rows["scar"]["preset"] == "reference" and rows["scar"]["hparams"]["surrogate_steps"] == 1
+    assert rows["original"]["preset"] is None

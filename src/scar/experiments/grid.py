@@ -23,10 +23,17 @@ Format (every key but ``dataset``, ``scenario`` and the forget amount is optiona
     mia: true                  # run the membership-inference attack
     mia_variant: balanced      # balanced | reference (protocol.md)
     oracles: all               # all | none | the class entries (CR) / seeds (HR) that get one
-    methods:                   # name → hyperparameters ({} or null = the method's defaults)
+    preset: null               # named hyperparameters of every method (`scar list presets`)
+    methods:                   # name → hyperparameters ({} or null = the preset's, else defaults)
       scar: {}
       scar_self_forget: {}
       negative_gradient: {lr: 1e-4}
+      duck: {preset: null}     # a method's own 'preset' replaces the grid's (null: defaults)
+
+**Presets.** ``preset: reference`` gives every listed method the values of that preset
+(:mod:`scar.methods.presets`, for the run's dataset); the method's own mapping sets values over
+them. Each run records its preset (``RunSpec.preset``, the ``preset`` of its results row), and a
+run with a preset gets another id than one without.
 
 **Per-model settings.** An entry of the ``model`` list may be a mapping (keys ``name``, required,
 and optionally ``dataset_options``, ``model_kwargs``, ``train``); each of its mappings is set, key
@@ -84,7 +91,7 @@ log = logging.getLogger(__name__)
 GRID_KEYS: tuple[str, ...] = (
     "name", "dataset", "dataset_options", "model", "model_kwargs", "data_dir", "download",
     "device", "train", "scenario", "classes", "seeds", "forget_fraction", "forget_count",
-    "surrogate", "surrogate_n", "mia", "mia_variant", "oracles", "methods",
+    "surrogate", "surrogate_n", "mia", "mia_variant", "oracles", "preset", "methods",
 )  # fmt: skip
 #: Keys of a mapping entry of the ``model`` list.
 MODEL_ENTRY_KEYS: tuple[str, ...] = ("name", "dataset_options", "model_kwargs", "train")
@@ -94,6 +101,8 @@ SCENARIOS = ("CR", "HR")
 MIA_VARIANTS = ("balanced", "reference")
 #: Rows every request gets, whatever the methods: the original model and the oracle.
 REFERENCE_METHODS = ("original", "retrain")
+#: Key of a method's mapping that names its preset (not a hyperparameter).
+PRESET_KEY = "preset"
 #: Seed of the cached original / oracle trainings, and of the reference rows of CR requests
 #: (in HR, a request's reference rows carry its forget-set seed).
 TRAIN_SEED = 0
@@ -144,7 +153,8 @@ class Grid:
     mia: bool = True
     mia_variant: str = "balanced"
     oracles: str | tuple = "all"  # "all", "none", or CR class groups / HR seeds
-    methods: tuple[tuple[str, dict[str, Any]], ...] = ()
+    preset: str | None = None  # of every method without its own 'preset' key
+    methods: tuple[tuple[str, dict[str, Any]], ...] = ()  # a mapping may hold 'preset'
 
     def with_device(self, device: str | None) -> Grid:
         return self if device is None else replace(self, device=_device(device))
@@ -233,6 +243,7 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
         mia=_bool("mia", raw.get("mia", True)),
         mia_variant=mia_variant,
         oracles=_oracles(raw.get("oracles"), scenario),
+        preset=_optional_str("preset", raw.get("preset")),
         methods=_methods(raw.get("methods")),
     )
     validate_grid(grid)
@@ -480,8 +491,12 @@ def validate_grid(grid: Grid) -> None:
             "grid key 'methods' lists 'retrain' but 'oracles' is \"none\": no oracle is "
             "trained; remove 'retrain' or set oracles to \"all\" or a list of requests."
         )
+    if grid.preset is not None:
+        from scar.methods.presets import PRESETS
+
+        PRESETS.get(grid.preset)  # UnknownComponentError naming the known presets
     for name, hparams in grid.methods:
-        _check_method(name, hparams, grid.scenario)
+        _check_method(name, hparams, grid)
 
 
 def _check_oracle_classes(grid: Grid, dataset: str, options: Mapping[str, Any]) -> None:
@@ -539,8 +554,8 @@ def _check_model_kwargs(model: str, builder: Any, kwargs: dict[str, Any]) -> Non
         )
 
 
-def _check_method(name: str, hparams: dict[str, Any], scenario: str) -> None:
-    from scar.methods import METHODS, build_method
+def _check_method(name: str, hparams: dict[str, Any], grid: Grid) -> None:
+    from scar.methods import METHODS
 
     if name in REFERENCE_METHODS:
         if hparams:
@@ -551,15 +566,28 @@ def _check_method(name: str, hparams: dict[str, Any], scenario: str) -> None:
             )
         return
     cls = METHODS.get(name)  # UnknownComponentError with "did you mean"
-    if scenario not in cls.scenarios:
+    if grid.scenario not in cls.scenarios:
         raise ConfigError(
             f"grid key 'methods.{name}': method {name!r} supports scenarios "
-            f"{list(cls.scenarios)}; the grid's scenario is {scenario!r}."
+            f"{list(cls.scenarios)}; the grid's scenario is {grid.scenario!r}."
+        )
+    preset, own = method_preset(grid, hparams)
+    if preset is not None and not isinstance(preset, str):
+        raise ConfigError(
+            f"grid key 'methods.{name}.preset' must be a preset name or null; got {preset!r}."
         )
     try:
-        build_method(name, **hparams)
+        for dataset in grid.datasets:
+            resolved_hparams(name, own, preset, dataset)
     except ConfigError as exc:
         raise ConfigError(f"grid key 'methods.{name}': {exc}") from exc
+
+
+def method_preset(grid: Grid, hparams: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """(preset, hyperparameters) of one ``methods`` entry: its own ``preset`` key, else the
+    grid's."""
+    own = dict(hparams)
+    return own.pop(PRESET_KEY, grid.preset), own
 
 
 def known_num_classes(dataset: str, options: Mapping[str, Any]) -> int | None:
@@ -615,6 +643,7 @@ class RunSpec:
     train_items: Items = ()
     dataset_options_items: Items = ()
     model_kwargs_items: Items = ()
+    preset: str | None = None  # the preset the hyperparameters started from
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -661,6 +690,8 @@ class RunSpec:
             "surrogate_n": self.surrogate_n,
             "mia": self.mia,
             "mia_variant": self.mia_variant,
+            # Only when set, so that the ids of runs without a preset stay what they were.
+            **({"preset": self.preset} if self.preset is not None else {}),
         }
 
     @property
@@ -733,17 +764,21 @@ def reference_methods(grid: Grid, forget: ForgetSpec) -> tuple[str, ...]:
     return REFERENCE_METHODS if has_oracle(grid, forget) else REFERENCE_METHODS[:1]
 
 
-def resolved_hparams(name: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Every hyperparameter of the configured method (strings coerced, defaults filled in)."""
+def configured_method(name: str, hparams: Mapping[str, Any], preset: str | None = None,
+                      dataset: str | None = None):
+    """The method ``name`` built from ``preset``'s values for ``dataset`` with ``hparams`` over
+    them."""
     from scar.methods import build_method
+    from scar.methods.presets import with_preset
 
-    return build_method(name, **hparams).hparams()
+    return build_method(name, **with_preset(name, hparams, preset, dataset))
 
 
-def uses_surrogate(name: str, hparams: Mapping[str, Any]) -> bool:
-    from scar.methods import build_method
-
-    return "surrogate" in build_method(name, **hparams).uses()
+def resolved_hparams(name: str, hparams: Mapping[str, Any], preset: str | None = None,
+                     dataset: str | None = None) -> dict[str, Any]:
+    """Every hyperparameter of the configured method (preset applied, strings coerced, defaults
+    filled in)."""
+    return configured_method(name, hparams, preset, dataset).hparams()
 
 
 def resolved_surrogate(grid: Grid, dataset: str) -> tuple[str, int | None]:
@@ -757,11 +792,15 @@ def resolved_surrogate(grid: Grid, dataset: str) -> tuple[str, int | None]:
 
 def expand(grid: Grid) -> list[RunSpec]:
     """All runs of the grid, reference rows first within each request; stable order."""
-    methods = [(n, h) for n, h in grid.methods if n not in REFERENCE_METHODS]
-    resolved = {n: (freeze(resolved_hparams(n, h)), uses_surrogate(n, h)) for n, h in methods}
+    methods = [(n, *method_preset(grid, h)) for n, h in grid.methods
+               if n not in REFERENCE_METHODS]
     specs: list[RunSpec] = []
     for dataset in grid.datasets:
         surrogate = resolved_surrogate(grid, dataset)
+        resolved = {}
+        for name, preset, hparams in methods:
+            method = configured_method(name, hparams, preset, dataset)
+            resolved[name] = (freeze(method.hparams()), "surrogate" in method.uses(), preset)
         models: dict[str, int] = {}
         for i, entry in enumerate(grid.models):
             model = entry.name or default_model(dataset, entry.train)
@@ -783,12 +822,12 @@ def expand(grid: Grid) -> list[RunSpec]:
                 specs += [RunSpec(forget=forget, seed=ref_seed, method=m, **common)
                           for m in reference_methods(grid, forget)]
                 for seed in seeds:
-                    for name, _ in methods:
-                        items, needs_surrogate = resolved[name]
+                    for name, (items, needs_surrogate, preset) in resolved.items():
                         specs.append(RunSpec(
                             forget=forget, seed=seed, method=name, hparams_items=items,
                             surrogate=surrogate[0] if needs_surrogate else None,
-                            surrogate_n=surrogate[1] if needs_surrogate else None, **common))
+                            surrogate_n=surrogate[1] if needs_surrogate else None,
+                            preset=preset, **common))
     check_unique(specs)
     return specs
 
@@ -837,8 +876,10 @@ def check_only(only: Mapping[str, Any] | None) -> None:
 
 
 def hparams_changed(spec: RunSpec) -> dict[str, Any]:
-    """The hyperparameters of ``spec`` that differ from the method's defaults (for display)."""
+    """The preset of ``spec`` (if any) and the hyperparameters that differ from its values, else
+    from the method's defaults (for display)."""
     if spec.is_reference:
         return {}
-    defaults = freeze(resolved_hparams(spec.method, {}))
-    return {k: v for k, v in spec.hparams_items if (k, v) not in defaults}
+    base = freeze(resolved_hparams(spec.method, {}, spec.preset, spec.dataset))
+    changed = {k: v for k, v in spec.hparams_items if (k, v) not in base}
+    return {"preset": spec.preset, **changed} if spec.preset else changed

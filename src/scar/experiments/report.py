@@ -15,7 +15,7 @@ over the forget requests (classes in CR, seeds in HR). Every metric is shown as 
 
 If one method appears with several hyper-parameter settings in a table, each setting becomes its
 own row, labelled with the keys that differ (``scar [lambda_2=5]``), rather than being averaged
-together silently.
+together silently. A run made with a preset says so in its label (``scar [preset=reference]``).
 """
 
 from __future__ import annotations
@@ -234,20 +234,23 @@ def _value_text(value: Any) -> str:
 
 
 def method_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Row label per row: the method, plus ``[k=v, …]`` when the method's hparams vary."""
+    """Row label per row: the method, plus ``[preset=…, k=v, …]`` naming its preset (if any) and
+    the hparams that vary among the rows of that method and preset."""
     settings: dict[tuple, set[str]] = {}
     for row in rows:
-        key = (*_table_key(row), row.get("method"))
+        key = (*_table_key(row), row.get("method"), row.get("preset"))
         settings.setdefault(key, set()).add(_hparam_text(row.get("hparams") or {}))
     varying = {key: _varying_keys(s) for key, s in settings.items() if len(s) > 1}
     labels = []
     for row in rows:
         name = str(row.get("method"))
-        keys = varying.get((*_table_key(row), row.get("method")))
-        if keys:
-            own = row.get("hparams") or {}
-            shown = (_value_text(own[k]) if k in own else "unset" for k in keys)
-            name += " [" + ", ".join(f"{k}={v}" for k, v in zip(keys, shown)) + "]"
+        keys = varying.get((*_table_key(row), row.get("method"), row.get("preset"))) or []
+        own = row.get("hparams") or {}
+        shown = [f"{k}={_value_text(own[k]) if k in own else 'unset'}" for k in keys]
+        if row.get("preset"):
+            shown.insert(0, f"preset={row['preset']}")
+        if shown:
+            name += " [" + ", ".join(shown) + "]"
         labels.append(name)
     return labels
 

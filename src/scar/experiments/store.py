@@ -9,6 +9,7 @@ Row schema (reports rely on these keys)::
     run_id, status ("ok" | "failed"), error (str | None), dataset, model, scenario,
     forget (ForgetSpec.to_dict()), forget_id ("class3", "seed0"), seed,
     method (a method name, or "original" / "retrain"), hparams {...},
+    preset (the name the hyperparameters started from, or None; absent in older rows),
     metrics {"acc/...", "mia/...", "aus", "time/unlearn_s"},
     access {"required": [...], "images_loaded": {...}, "profile": str} | None,
     device, device_name, versions {...}, finished_at (ISO 8601, UTC)

@@ -127,10 +127,12 @@ def unlearned_path(path: str | Path) -> Path:
 
 def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, splits: Splits,
                    data: UnlearnData, metrics: dict[str, Any] | None = None, *,
-                   dataset_options: Mapping[str, Any] | None = None) -> Path:
-    """Write the unlearned checkpoint; its sidecar records the parent, method, hyperparameters,
-    data-access profile and time, so it can itself be unlearned again. ``dataset_options``: the
-    options the dataset was loaded with (default: the parent's recorded ones)."""
+                   dataset_options: Mapping[str, Any] | None = None,
+                   preset: str | None = None) -> Path:
+    """Write the unlearned checkpoint; its sidecar records the parent, method, hyperparameters
+    (and the preset they started from), data-access profile and time, so it can itself be
+    unlearned again. ``dataset_options``: the options the dataset was loaded with (default: the
+    parent's recorded ones)."""
     path = unlearned_path(path)
     stats = ck.stats_path()
     meta = {
@@ -141,6 +143,7 @@ def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, sp
         "parent": str(ck.path) if ck.path else None,
         "method": outcome.method.name,
         "hparams": outcome.method.hparams(),
+        "preset": preset,
         "forget": splits.spec.to_dict(),
         "scenario": data.scenario,
         "removed_classes": list(data.removed_classes),
