@@ -50,7 +50,7 @@ def captured(monkeypatch):
     """Replace the SVC attack by a recorder of the attack data (fast; checks the sampling)."""
     calls: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def fake_attack(x, y, seed):
+    def fake_attack(x, y, seed, variant="balanced"):
         calls.append((x, y))
         return 0.5, 0.5, 0.5
 
@@ -62,8 +62,35 @@ def test_reference_variant_is_three_to_one(captured):
     res = mia_cr(_dirichlet(200, 1.0, 7), _dirichlet(50, 1.0, 8), variant="reference", repeats=2)
     assert (res.n_members, res.n_nonmembers, res.variant) == (150, 50, "reference")
     x, y = captured[0]
-    assert int(y.sum()) == 150 and int((y == 0).sum()) == 50 and len(x) == 200
+    # As the reference code: members (the first 150 rows) labelled 0, non-members 1.
+    assert len(x) == 200 and (y[:150] == 0).all() and (y[150:] == 1).all()
     assert res.to_metrics()["mia/variant"] == "reference"
+
+
+def test_balanced_variant_labels_members_1(captured):
+    mia_cr(_dirichlet(60, 1.0, 7), _dirichlet(50, 1.0, 8), repeats=1)
+    _, y = captured[0]
+    assert (y[:50] == 1).all() and (y[50:] == 0).all()
+
+
+def test_reference_scores_use_micro_f1_balanced_the_member_f1():
+    # Known answer: 4 attack samples, one non-member (label 1 in the reference) misclassified.
+    y_true, pred = np.array([0, 0, 0, 1]), np.array([0, 0, 1, 1])
+    decision = np.array([-2.0, -1.0, 0.5, 1.0])
+    acc, f1, auc = mia.scores(y_true, pred, decision, "reference")
+    assert (acc, f1, auc) == (0.75, 0.75, 1.0)  # micro F1 equals the accuracy
+    acc, f1, _ = mia.scores(y_true, pred, decision, "balanced")
+    assert acc == 0.75 and f1 == pytest.approx(2 / 3)  # binary F1 of label 1: P 1/2, R 1
+
+
+def test_reference_variant_uses_every_sample(captured):
+    members, nonmembers = _dirichlet(3000, 1.0, 7), _dirichlet(1100, 1.0, 8)
+    ref = mia_cr(members, nonmembers, variant="reference", repeats=1)
+    assert (ref.n_members, ref.n_nonmembers) == (3000, 1100)  # no 1,000 cap
+    hr = mia_hr(members, nonmembers, balanced=False, repeats=1)
+    assert (hr.n_members, hr.n_nonmembers) == (1100, 1100)  # members subsampled to the test size
+    balanced = mia_cr(members, nonmembers, repeats=1)
+    assert (balanced.n_members, balanced.n_nonmembers) == (1000, 1000)
 
 
 def test_balanced_cr_subsamples_larger_group(captured):

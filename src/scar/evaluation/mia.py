@@ -13,6 +13,10 @@ Fixes against the reference:
   non-members) is kept for comparability and labelled ``"reference"``: on imbalanced data an SVC
   that always answers "member" already scores 0.75, so for that variant read ROC-AUC, not accuracy
   or |accuracy − 0.5|;
+- the reference variant scores as the reference code does: members labelled 0, non-members 1,
+  F1 with ``average="micro"`` (which equals the accuracy), every sample (no cap on the group
+  sizes). The balanced variant labels members 1, reports the binary F1 of the member class and
+  caps each group at :data:`DEFAULT_MAX_SAMPLES_PER_GROUP` so the grid search takes seconds;
 - ROC-AUC (from the SVC decision function) is reported beside accuracy and F1, and
   :func:`attack_separates` / :func:`separation_note` say whether the attack tells the original
   model from the oracle at all — if it does not, its numbers say nothing about forgetting.
@@ -49,7 +53,8 @@ MIA_JOBS = int(os.environ.get("SCAR_MIA_JOBS", "0")) or min(2, os.cpu_count() or
 TEST_FRACTION = 0.2
 #: Fewer samples than this in a group leaves too few for a stratified hold-out and 3-fold search.
 MIN_GROUP_SIZE = 10
-#: Each group is capped (keeping the member:non-member ratio) so the grid search takes seconds.
+#: The balanced variant caps each group (keeping the member:non-member ratio) so the grid search
+#: takes seconds; the reference variant uses every sample unless a cap is given.
 DEFAULT_MAX_SAMPLES_PER_GROUP = 1000
 MIA_VARIANTS: tuple[str, ...] = ("balanced", "reference")
 #: The reference class-removal attack keeps at most this many members per non-member.
@@ -119,8 +124,15 @@ def _check_widths(members: np.ndarray, nonmembers: np.ndarray) -> None:
         )
 
 
-def _capped_sizes(k_members: int, k_nonmembers: int, cap: int) -> tuple[int, int]:
-    """Scale both group sizes down together so the larger is at most ``cap`` (ratio kept)."""
+def _capped_sizes(k_members: int, k_nonmembers: int, cap: int | None,
+                  variant: str = "balanced") -> tuple[int, int]:
+    """Scale both group sizes down together so the larger is at most ``cap`` (ratio kept);
+    ``cap=None``: the variant's default (balanced: DEFAULT_MAX_SAMPLES_PER_GROUP; reference:
+    no cap)."""
+    if cap is None:
+        if variant == "reference":
+            return k_members, k_nonmembers
+        cap = DEFAULT_MAX_SAMPLES_PER_GROUP
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < MIN_GROUP_SIZE:
         raise ConfigError(
             f"max_samples_per_group must be an integer >= {MIN_GROUP_SIZE}; got {cap!r}."
@@ -136,7 +148,25 @@ def _capped_sizes(k_members: int, k_nonmembers: int, cap: int) -> tuple[int, int
     return sizes
 
 
-def _attack_once(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float, float]:
+def member_labels(variant: str) -> tuple[int, int]:
+    """(member label, non-member label): the reference code labels members 0."""
+    return (0, 1) if variant == "reference" else (1, 0)
+
+
+def scores(y_true: np.ndarray, pred: np.ndarray, decision: np.ndarray, variant: str
+           ) -> tuple[float, float, float]:
+    """(accuracy, F1, ROC-AUC) of one attack. F1: micro-averaged (= accuracy) for the reference
+    variant, as the reference code; else the binary F1 of label 1 (the members)."""
+    average = "micro" if variant == "reference" else "binary"
+    return (
+        float(accuracy_score(y_true, pred)),
+        float(f1_score(y_true, pred, average=average, zero_division=0)),
+        float(roc_auc_score(y_true, decision)),
+    )
+
+
+def _attack_once(x: np.ndarray, y: np.ndarray, seed: int, variant: str = "balanced"
+                 ) -> tuple[float, float, float]:
     """Grid-searched RBF SVC on a stratified 80/20 split; returns (accuracy, F1, ROC-AUC)."""
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=TEST_FRACTION, stratify=y, random_state=seed
@@ -144,14 +174,8 @@ def _attack_once(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[float, float,
     search = GridSearchCV(SVC(kernel="rbf"), PARAM_GRID, cv=CV_FOLDS, n_jobs=MIA_JOBS)
     with parallel_config(backend="threading"):
         search.fit(x_train, y_train)
-    pred = search.predict(x_test)
-    score = search.decision_function(x_test)
     log.debug("MIA repetition seed=%d best params %s", seed, search.best_params_)
-    return (
-        float(accuracy_score(y_test, pred)),
-        float(f1_score(y_test, pred, zero_division=0)),
-        float(roc_auc_score(y_test, score)),
-    )
+    return scores(y_test, search.predict(x_test), search.decision_function(x_test), variant)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -172,8 +196,10 @@ def _run_attack(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ConfigError(f"repeats must be an integer >= 1; got {repeats!r}.")
     k_m, k_nm = sizes
-    y = np.concatenate([np.ones(k_m, dtype=np.int64), np.zeros(k_nm, dtype=np.int64)])
-    scores: list[tuple[float, float, float]] = []
+    member, nonmember = member_labels(variant)
+    y = np.concatenate([np.full(k_m, member, dtype=np.int64),
+                        np.full(k_nm, nonmember, dtype=np.int64)])
+    results: list[tuple[float, float, float]] = []
     start = time.perf_counter()
     for rep in range(repeats):
         rng = np.random.default_rng([seed, rep])
@@ -183,8 +209,8 @@ def _run_attack(
                 nonmembers[rng.permutation(len(nonmembers))[:k_nm]],
             ]
         )
-        scores.append(_attack_once(x, y, int(rng.integers(2**31 - 1))))
-    acc, f1, auc = (list(col) for col in zip(*scores))
+        results.append(_attack_once(x, y, int(rng.integers(2**31 - 1)), variant))
+    acc, f1, auc = (list(col) for col in zip(*results))
     log.info(
         "MIA (%s): %d members vs %d non-members, %d repetitions in %.1fs",
         variant,
@@ -215,21 +241,22 @@ def mia_hr(
     repeats: int = 5,
     seed: int = 0,
     balanced: bool = True,
-    max_samples_per_group: int = DEFAULT_MAX_SAMPLES_PER_GROUP,
+    max_samples_per_group: int | None = None,
 ) -> MIAResult:
     """Homogeneous-removal MIA: members = forget samples, non-members = test samples.
 
     Members are subsampled (without duplicates) to the test-set size. With ``balanced`` (default)
     the test samples are also subsampled to the member count if the forget set is the smaller one;
-    with ``balanced=False`` all test samples are kept, as in the reference (variant "reference").
+    with ``balanced=False`` all test samples are kept, as in the reference (variant "reference",
+    scored as the module docstring says). ``max_samples_per_group=None``: the variant's cap.
     """
     members = _as_features("forget_probs", forget_probs)
     nonmembers = _as_features("test_probs", test_probs)
     _check_widths(members, nonmembers)
     k_m = min(len(members), len(nonmembers))
     k_nm = k_m if balanced else len(nonmembers)
-    sizes = _capped_sizes(k_m, k_nm, max_samples_per_group)
     variant = "balanced" if balanced else "reference"
+    sizes = _capped_sizes(k_m, k_nm, max_samples_per_group, variant)
     return _run_attack(members, nonmembers, sizes, variant=variant, repeats=repeats, seed=seed)
 
 
@@ -240,14 +267,15 @@ def mia_cr(
     variant: str = "balanced",
     repeats: int = 5,
     seed: int = 0,
-    max_samples_per_group: int = DEFAULT_MAX_SAMPLES_PER_GROUP,
+    max_samples_per_group: int | None = None,
 ) -> MIAResult:
     """Class-removal MIA: members = train images of the removed class(es), non-members = their
     test images.
 
     ``variant="balanced"`` (default) subsamples the larger group to the smaller one's size;
     ``"reference"`` keeps all non-members and caps members at 3× their count, as the reference code
-    (imbalanced: accuracy 0.75 is the majority-class baseline there — read the AUC).
+    (imbalanced: accuracy 0.75 is the majority-class baseline there — read the AUC), scored as
+    the module docstring says. ``max_samples_per_group=None``: the variant's cap.
     """
     check_choice("MIA variant", variant, MIA_VARIANTS)
     members = _as_features("train_class_probs", train_class_probs)
@@ -257,7 +285,7 @@ def mia_cr(
         k_m = k_nm = min(len(members), len(nonmembers))
     else:
         k_m, k_nm = min(len(members), REFERENCE_MEMBER_RATIO * len(nonmembers)), len(nonmembers)
-    sizes = _capped_sizes(k_m, k_nm, max_samples_per_group)
+    sizes = _capped_sizes(k_m, k_nm, max_samples_per_group, variant)
     return _run_attack(members, nonmembers, sizes, variant=variant, repeats=repeats, seed=seed)
 
 
