@@ -108,3 +108,81 @@ def test_scar_runs_unchanged_on_any_architecture(arch):
     assert all(math.isfinite(h["loss_m"]) and math.isfinite(h["loss_td"])
                for h in method.history_)
     assert new is not model
+
+
+# ------------------------------------------------------------------ forget batches, fused forward
+def _forget_data(n=20, batch=8):
+    from scar.methods.scar_method import TargetCache
+
+    imgs = torch.arange(n, dtype=torch.uint8)[:, None, None, None].expand(n, 1, 2, 2).clone()
+    forget = TensorImages(imgs, torch.zeros(n, dtype=torch.long))
+    data = UnlearnData(input_spec=InputSpec(1, 2, (0.0,), (1.0,)), num_classes=2,
+                       scenario="CR", removed_classes=(0,), forget=forget)
+    return data, forget, TargetCache(n, torch.device("cpu"))
+
+
+def test_forget_batches_revisit_images_still_classified_correctly():
+    from scar.methods.scar_method import ForgetBatches
+
+    data, forget, targets = _forget_data()
+    plain = [b.idx.tolist() for b in ForgetBatches(data, forget, targets, 8, revisit=0)]
+    # Nothing known yet: the shuffled batches, whatever the revisit share.
+    assert [b.idx.tolist() for b in ForgetBatches(data, forget, targets, 8, revisit=3)] == plain
+    # Images 5 and 7 were correct when last seen, 6 wrong, the rest never seen.
+    targets.observe(torch.tensor([5, 6, 7]), torch.tensor([True, False, True]))
+    batches = ForgetBatches(data, forget, targets, 8, revisit=3)
+    for b, shuffled in zip(batches, plain):
+        extra = [i for i in (5, 7) if i not in shuffled]
+        # The shuffled images come first, then the revisited ones (only 5 and 7 qualify, when
+        # the shuffled batch does not hold them already), replacing the last shuffled ones.
+        assert b.idx.tolist()[:batches.fresh] == shuffled[:batches.fresh]
+        assert sorted(b.idx.tolist()[batches.fresh:]) == extra
+        assert batches.fresh == len(shuffled) - len(extra)
+        # The images are the ones the indices name, labels included.
+        assert torch.allclose(b.x[:, 0, 0, 0] * 255, b.idx.float())
+        assert b.y.tolist() == [0] * len(b.idx)
+
+
+def test_scar_hr_never_revisits():
+    torch.manual_seed(0)
+    bundle = _bundle()
+    splits = make_splits(bundle, ForgetSpec.random(fraction=0.2, seed=0))
+    model = ARCHS["resnet18"]()
+    data = UnlearnData(input_spec=bundle.info.input_spec, num_classes=3, scenario="HR",
+                       forget=splits.train_forget, retain=splits.train_retain,
+                       surrogate=splits.train_retain, original_test_acc=0.5)
+    seen = []
+    import scar.methods.scar_method as sm
+
+    real = sm.ForgetBatches.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        seen.append(self.revisit)
+
+    sm.ForgetBatches.__init__ = spy
+    try:
+        build_method("scar", epochs=1, batch_size=16, surrogate_steps=1, stats="retain",
+                     revisit_share=0.5).unlearn(model, data)
+    finally:
+        sm.ForgetBatches.__init__ = real
+    assert seen == [0]
+
+
+@pytest.mark.parametrize("bn_train", [False, True])
+def test_fused_forward_equals_separate_passes(bn_train):
+    from scar.models.adapter import FeatureModel
+
+    torch.manual_seed(0)
+    model = ARCHS["resnet18"]()
+    xf, xs = torch.randn(4, 3, 16, 16), torch.randn(6, 3, 16, 16)
+    student = FeatureModel(model, head=None, example=xf[:2])
+    method = build_method("scar", bn_train=bn_train)
+    model.train(bn_train)
+    with torch.no_grad():
+        feats, logits, s_logits = method.forward(student, xf, xs)
+        ref_feats, ref_logits = student(xf)
+        ref_s = model(xs)
+    assert torch.allclose(feats, ref_feats, atol=1e-5)
+    assert torch.allclose(logits, ref_logits, atol=1e-5)
+    assert torch.allclose(s_logits, ref_s, atol=1e-5)

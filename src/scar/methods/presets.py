@@ -113,6 +113,7 @@ _SCAR_COMMON: dict[str, Any] = {
     "stop_from_epoch": 2,  # ... from epoch index 2 on
     "balance_surrogate": False,  # CR samples surrogates uniformly (HR always balances)
     "cover_per_class": 0,
+    "revisit_share": 0.0,  # shuffled forget batches only
 }
 _SCAR: dict[str, Any] = {
     **_SCAR_COMMON,
