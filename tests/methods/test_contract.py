@@ -434,3 +434,54 @@ def test_a_diverged_run_is_an_error_not_a_result(name, lr, tiny_model, synth, cr
     method = build_method(name, **fast(name), lr=lr)
     with pytest.raises(DivergedError, match=f"{name} diverged.*NaN or inf"):
         method.unlearn(tiny_model, data)
+
+
+# ------------------------------------------------------------------ the reference preset's loop
+def _reference_scar(**override):
+    from scar.methods.presets import with_preset
+
+    # The reference's values with small batches: the loop's structure is what is pinned.
+    return build_method("scar", **with_preset("scar", {"batch_size": 64, **override},
+                                              "reference"))
+
+
+def test_reference_preset_takes_six_steps_per_forget_batch(tiny_model, synth, cr_splits,
+                                                           surrogate, stats):
+    import math
+
+    method = _reference_scar(epochs=2)  # stops only from epoch index 2: never, here
+    data = make_data(synth, cr_splits, surrogate, stats)
+    method.unlearn(tiny_model, data)
+    batches = math.ceil(len(cr_splits.train_forget) / 64)
+    assert method.surrogate_steps == 6
+    assert method.steps_ == 2 * batches * 6
+    assert [r["epoch"] for r in method.history_] == [0] * batches * 6 + [1] * batches * 6
+
+
+def test_reference_preset_checks_every_step_from_epoch_index_2(tiny_model, synth, cr_splits,
+                                                               surrogate, stats, monkeypatch):
+    from scar.methods.scar_method import SCAR
+
+    calls: list[tuple[int, int]] = []
+    confirm = SCAR.confirm_stop
+
+    def spy(self, *args):
+        calls.append((self.history_[-1]["epoch"], self.history_[-1]["step"]))
+        return confirm(self, *args)
+
+    monkeypatch.setattr(SCAR, "confirm_stop", spy)
+    method = _reference_scar(epochs=3)
+    method.unlearn(tiny_model, make_data(synth, cr_splits, surrogate, stats))
+    in_epoch_2 = [r["step"] for r in method.history_ if r["epoch"] >= 2]
+    assert in_epoch_2, "the run ended before epoch index 2"
+    assert calls == [(2, s) for s in in_epoch_2]  # every step from epoch 2, none before
+
+
+def test_reference_preset_hr_target_is_test_accuracy_minus_0_015(synth, hr_splits, surrogate,
+                                                                 stats):
+    from scar.methods.base import stop_target
+
+    method = _reference_scar()
+    data = make_data(synth, hr_splits, surrogate, stats, scenario="HR", original_test_acc=0.9)
+    assert method.hr_margin == 0.015
+    assert stop_target(data, method.hr_margin) == pytest.approx(0.885)

@@ -32,6 +32,17 @@ def test_cr_teacher_masking():
     assert masked.tolist() == [[-3.0, 4.0, -2.0], [-3.0, 0.0, 3.0]]
 
 
+def test_cr_teacher_mask_minimum_over_kept_rows_as_the_reference():
+    t = torch.tensor([[5.0, -9.0, 0.0],  # predicted class 0 (removed): holds the batch minimum
+                      [1.0, 4.0, -2.0],
+                      [2.0, 0.0, 3.0]])
+    batch, _ = mask_teacher_cr(t, torch.tensor([0]))
+    kept, keep = mask_teacher_cr(t, torch.tensor([0]), minimum="kept")
+    assert keep.tolist() == [False, True, True]
+    assert batch[:, 0].tolist() == [-9.0, -9.0]
+    assert kept.tolist() == [[-2.0, 4.0, -2.0], [-2.0, 0.0, 3.0]]
+
+
 def test_balanced_weights_count_rare_classes_as_five():
     pred = torch.tensor([0, 0, 0, 0, 1, 2, 2, 2])
     w = balanced_weights(pred, 4)

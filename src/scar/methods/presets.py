@@ -114,6 +114,7 @@ _SCAR_COMMON: dict[str, Any] = {
     "balance_surrogate": False,  # CR samples surrogates uniformly (HR always balances)
     "cover_per_class": 0,
     "revisit_share": 0.0,  # shuffled forget batches only
+    "mask_min": "kept",  # the CR mask value: minimum over the kept rows
 }
 _SCAR: dict[str, Any] = {
     **_SCAR_COMMON,

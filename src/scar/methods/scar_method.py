@@ -101,18 +101,23 @@ def js_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
 DIVERGENCE_FNS = {"kl": kl_divergence, "js": js_divergence}
 
 
-def mask_teacher_cr(teacher_logits: torch.Tensor, removed: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+#: Where the CR teacher mask takes its replacement value: the whole batch's minimum teacher logit
+#: (spec §4) or the minimum over the kept rows only (the reference code, spec §10).
+MASK_MINIMA = ("batch", "kept")
+
+
+def mask_teacher_cr(teacher_logits: torch.Tensor, removed: torch.Tensor,
+                    minimum: str = "batch") -> tuple[torch.Tensor, torch.Tensor]:
     """CR teacher target (spec §4): drop samples the teacher assigns to a removed class; in the
-    rest set the removed classes' logits to the batch's minimum teacher logit. (The reference
-    code takes the minimum over the kept rows only, spec §10; not reproduced here.)
+    rest set the removed classes' logits to the minimum teacher logit of the batch
+    (``minimum="batch"``) or of the kept rows (``"kept"``, the reference code).
 
     Returns (masked logits of the kept samples, boolean keep mask over the batch).
     """
     keep = ~torch.isin(teacher_logits.argmax(1), removed)
     t = teacher_logits[keep].clone()
     if t.numel():
-        t[:, removed] = teacher_logits.min()
+        t[:, removed] = (t if minimum == "kept" else teacher_logits).min()
     return t, keep
 
 
@@ -232,6 +237,7 @@ class SCAR(Method):
     revisit_share: float = 0.25
     hr_margin: float = HR_MARGIN  # HR stops below A_test − hr_margin (reference 0.015)
     balance_surrogate: bool = False  # CR: also sample surrogates balanced on teacher predictions
+    mask_min: str = "batch"  # CR teacher mask value: batch minimum (spec §4) or "kept" (reference)
     # Surrogate cover (an extension; 0 = off, the reference). Distillation protects only the
     # decision regions the surrogate images fall in, and a source the model sees as one class
     # protects almost none (natural-patches on Fashion-MNIST: 94% "bag"; class 0 then cost 6.5
@@ -273,6 +279,7 @@ class SCAR(Method):
         check_range("cover_steps", self.cover_steps, 0)
         check_range("cover_lr", self.cover_lr, 0, low_inclusive=False)
         check_choice("divergence", self.divergence, DIVERGENCES)
+        check_choice("mask_min", self.mask_min, MASK_MINIMA)
         check_choice("stats", self.stats, STATS_SOURCES)
         check_choice("stop_check", self.stop_check, STOP_CHECKS)
         check_choice("tukey_mode", self.tukey_mode, ("signed", "clamp"))
@@ -345,7 +352,7 @@ class SCAR(Method):
             removed = torch.tensor(data.removed_classes, device=data.device)
 
             def target(batch):
-                return mask_teacher_cr(t_all[batch.idx], removed)
+                return mask_teacher_cr(t_all[batch.idx], removed, self.mask_min)
 
             kw: dict = {"shuffle": True}
             if self.balance_surrogate or self.cover_per_class:
