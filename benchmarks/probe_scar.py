@@ -44,6 +44,7 @@ from scar.experiments.unlearn import (
     run_unlearning,
 )
 from scar.methods import METHODS, build_method
+from scar.methods.presets import with_preset
 from scar.utils import seed_everything
 
 HEADERS = ["model", "forget", "retain/test", "drop", "forget-test / train-forget", "AUS",
@@ -80,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--method", default="scar")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="hyperparameter of the method (repeatable)")
+    parser.add_argument("--preset", default=None,
+                        help="a named preset (scar list presets), e.g. reference; --set wins")
     parser.add_argument("--classes", default="0,3,7", help="CR: classes, one run each")
     parser.add_argument("--hr", type=float, default=None, metavar="FRACTION",
                         help="random removal of this fraction instead of class removal")
@@ -124,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             pred0, y = predictions(ck.model, bundle.test, ck.input_spec, device)
             for spec, seed in specs:
                 splits = make_splits(bundle, spec)
-                method = build_method(args.method, **hparams)
+                method = build_method(args.method, **with_preset(
+                    args.method, hparams, args.preset, ck.dataset))
                 if surrogate is None and "surrogate" in method.uses():
                     surrogate = load_surrogate_for(ck, surrogate_name, args.surrogate_n or
                                                    (128 if args.small else None), seeds[0])
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                 outcome = run_unlearning(ck, method, data)
                 pred, _ = predictions(outcome.model, bundle.test, ck.input_spec, device)
                 row = {"original": str(path), "model": ck.model_spec.name,
-                       "method": args.method, "hparams": hparams, "seed": seed,
+                       "method": args.method, "hparams": hparams, "preset": args.preset,
+                       "seed": seed,
                        "seconds": outcome.seconds, "steps": outcome.info.get("steps_"),
                        "lr": outcome.info.get("lr_"), "stop": outcome.info.get("stop_reason_")}
                 if args.hr:
