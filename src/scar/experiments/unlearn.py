@@ -23,6 +23,7 @@ from scar.data.surrogates import load_surrogate
 from scar.errors import ConfigError
 from scar.methods.base import Method, UnlearnData, access_profile
 from scar.methods.mahalanobis import ClassStats
+from scar.training.recipes import recorded_augment
 from scar.utils import device_name
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def build_unlearn_data(ck: Checkpoint, bundle: DatasetBundle, splits: Splits, *,
         surrogate=surrogate,
         stats=stored_stats(ck),
         original_test_acc=ck.meta.get("test_acc"),
+        train_augment=recorded_augment(ck.meta.get("recipe")),
         device=device,
         seed=seed,
         head=ck.model_spec.head,

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from scar.data.base import BatchLoader, ImageSet, InputSpec, SubsetImages
+from scar.data.base import Augment, BatchLoader, ImageSet, InputSpec, SubsetImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice
 from scar.models.base import channels_last, check_finite, eval_mode
 from scar.registry import Registry
@@ -65,6 +65,8 @@ class UnlearnData:
     ``original_test_acc`` is the original model's test accuracy (HR stopping rule); it comes
     from the original checkpoint's sidecar, not from test images.
     ``stats`` are class statistics recorded at training time (``stored`` source).
+    ``train_augment`` is the original's training augmentation (from its recorded recipe; None
+    when unknown): the reference code reads retain and CR surrogate images through it.
     """
 
     input_spec: InputSpec
@@ -76,6 +78,7 @@ class UnlearnData:
     surrogate: ImageSet | None = None
     stats: Any = None  # scar.methods.mahalanobis.ClassStats
     original_test_acc: float | None = None
+    train_augment: Augment | None = None
     device: torch.device | str = "cpu"
     seed: int = 0
     head: str | None = None

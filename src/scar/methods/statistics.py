@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from scar.data.base import BatchLoader, ImageSet, InputSpec
+from scar.data.base import Augment, BatchLoader, ImageSet, InputSpec
 from scar.methods.mahalanobis import ClassStats, StatsAccumulator
 from scar.models.adapter import FeatureModel
 from scar.models.base import eval_mode
@@ -38,9 +38,14 @@ def class_statistics(
     head: str | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 1024,
+    augment: Augment | None = None,
+    seed: int = 0,
 ) -> ClassStats:
     """One eval-mode pass over ``data``: per-class Tukey-space mean and covariance. Every
     module's train/eval flag is as the caller left it afterwards.
+
+    ``augment`` (with ``seed``) passes the images through a training augmentation first, as
+    the reference code's retain loader does.
 
     ``by="labels"`` groups by the true labels, ``by="predictions"`` by the model's predicted
     class (used for surrogate images, which have no labels of the model's classes).
@@ -48,7 +53,8 @@ def class_statistics(
     fm = model if isinstance(model, FeatureModel) else FeatureModel(model, head=head)
     acc = StatsAccumulator(num_classes, fm.feature_dim, delta, tukey_mode)
     with eval_mode(fm):
-        for batch in BatchLoader(data, input_spec, batch_size=batch_size, device=device):
+        for batch in BatchLoader(data, input_spec, batch_size=batch_size, device=device,
+                                 augment=augment, seed=seed):
             feats, logits = fm(batch.x)
             groups = batch.y if by == "labels" else logits.argmax(1)
             acc.update(feats, groups)

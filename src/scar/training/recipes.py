@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from scar.data.base import Augment
 from scar.errors import ConfigError, check_choice, check_range
 from scar.registry import Registry
 
@@ -41,6 +42,10 @@ class Recipe:
         check_range("crop_padding", self.crop_padding, 0)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+
+    def augment(self) -> Augment:
+        """The training augmentation (random crop with zero padding, horizontal flip)."""
+        return Augment(self.crop_padding, self.hflip)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -105,3 +110,11 @@ RECIPES.register("mnist", "fastcnn, 4 epochs, no flip")(replace(_SMALL, epochs=4
 RECIPES.register("synthetic", "tests only")(
     Recipe(epochs=3, batch_size=64, lr=0.05, weight_decay=0.0, schedule="constant", model="fastcnn")
 )
+
+
+def recorded_augment(recipe: dict[str, Any] | None) -> Augment | None:
+    """The training augmentation of a recipe recorded in a checkpoint's sidecar (``to_dict``);
+    None when the checkpoint records no recipe (one trained elsewhere)."""
+    if not recipe:
+        return None
+    return Augment(int(recipe.get("crop_padding", 0)), bool(recipe.get("hflip", False)))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from scar.data.base import Augment, BatchLoader, ImageSet, InputSpec
+from scar.data.base import BatchLoader, ImageSet, InputSpec
 from scar.models.base import channels_last, check_finite, eval_mode
 from scar.training.recipes import Recipe
 
@@ -98,7 +98,7 @@ def train_model(
     device = torch.device(device)
     torch.manual_seed(seed)
     model = model.to(device)
-    augment = Augment(recipe.crop_padding, recipe.hflip)
+    augment = recipe.augment()
     loader = BatchLoader(train, spec, batch_size=recipe.batch_size, shuffle=True,
                          augment=augment, device=device, seed=seed, drop_last=len(train) >
                          recipe.batch_size)
