@@ -485,3 +485,101 @@ def test_reference_preset_hr_target_is_test_accuracy_minus_0_015(synth, hr_split
     data = make_data(synth, hr_splits, surrogate, stats, scenario="HR", original_test_acc=0.9)
     assert method.hr_margin == 0.015
     assert stop_target(data, method.hr_margin) == pytest.approx(0.885)
+
+
+def test_reference_preset_augments_retain_statistics_with_the_training_augmentation(
+        tiny_model, synth, cr_splits, surrogate, stats, caplog):
+    from scar.data.base import Augment
+    from scar.models.adapter import FeatureModel as FM
+
+    aug = Augment(crop_padding=2, hflip=True)
+    method = _reference_scar()
+    data = make_data(synth, cr_splits, surrogate, None, train_augment=aug)
+    got = method.class_stats(FM(tiny_model), data)
+    kw = dict(num_classes=synth.info.num_classes, delta=method.delta, batch_size=1024)
+    want = class_statistics(tiny_model, cr_splits.train_retain, synth.info.input_spec,
+                            augment=aug, seed=data.seed + 5, **kw)
+    plain = class_statistics(tiny_model, cr_splits.train_retain, synth.info.input_spec, **kw)
+    kept = got.classes.tolist()
+    assert torch.allclose(got.means, want.subset(kept).means, atol=1e-5)
+    assert not torch.allclose(got.means, plain.subset(kept).means, atol=1e-3)
+    # No recorded recipe: a warning, and the images as they are.
+    data = make_data(synth, cr_splits, surrogate, None)
+    with caplog.at_level("WARNING"):
+        got = method.class_stats(FM(tiny_model), data)
+    assert "training augmentation is unknown" in caplog.text
+    assert torch.allclose(got.means, plain.subset(kept).means, atol=1e-5)
+
+
+def test_reference_preset_runs_the_teacher_on_each_augmented_surrogate_batch(
+        tiny_model, synth, cr_splits, surrogate, stats):
+    from scar.data.base import Augment, normalize
+    from scar.methods.scar_method import mask_teacher_cr
+
+    data = make_data(synth, cr_splits, surrogate, stats,
+                     train_augment=Augment(crop_padding=2, hflip=True))
+    removed = torch.tensor(data.removed_classes)
+    batches, target = _reference_scar().surrogate_source(tiny_model, data, surrogate)
+    batch = next(batches)
+    unaugmented = normalize(surrogate.load(batch.idx), synth.info.input_spec)
+    assert not torch.allclose(batch.x, unaugmented)  # the batch itself is augmented
+    logits, keep = target(batch)
+    with torch.no_grad():
+        want, want_keep = mask_teacher_cr(tiny_model(batch.x), removed, "kept")
+    assert torch.equal(keep, want_keep) and torch.allclose(logits, want)
+    # The default: unaugmented batches, the logits of the unaugmented images.
+    batches, target = build_method("scar").surrogate_source(tiny_model, data, surrogate)
+    batch = next(batches)
+    assert torch.allclose(batch.x, normalize(surrogate.load(batch.idx), synth.info.input_spec))
+
+
+def test_reference_preset_takes_targets_from_the_student_at_each_forget_batch(
+        tiny_model, synth, cr_splits, surrogate, stats, monkeypatch):
+    import math
+
+    from scar.methods.mahalanobis import MahalanobisHead
+    from scar.methods.scar_method import SCAR
+
+    calls: list[int] = []
+    nearest = MahalanobisHead.nearest_wrong_class
+
+    def spy(self, features, labels):
+        calls.append(len(labels))
+        assert features.requires_grad  # the student's step features, not a teacher pass
+        return nearest(self, features, labels)
+
+    monkeypatch.setattr(MahalanobisHead, "nearest_wrong_class", spy)
+    monkeypatch.setattr(SCAR, "assign_targets", lambda *a: pytest.fail("teacher targets"))
+    method = _reference_scar(epochs=2)
+    method.unlearn(tiny_model, make_data(synth, cr_splits, surrogate, stats))
+    n = len(cr_splits.train_forget)
+    batches = math.ceil(n / 64)
+    assert method.steps_ == 2 * batches * 6
+    # Once per forget batch (its first surrogate step), in both epochs: every image twice.
+    assert len(calls) == 2 * batches and sum(calls) == 2 * n
+
+
+def test_reference_preset_gates_hr_on_a_full_eval_pass_after_every_step(
+        tiny_model, synth, hr_splits, surrogate, stats):
+    import copy
+
+    from scar.methods.scar_method import TargetCache
+
+    method = _reference_scar(epochs=1)
+    data = make_data(synth, hr_splits, surrogate, stats, scenario="HR")
+    method.unlearn(tiny_model, data)
+    assert method.full_checks_ == method.steps_ > 0  # one pass per step (none stops: epoch 0)
+    # The pass itself: eval mode whatever the model's mode, every image observed, modes and
+    # BatchNorm buffers left as they were.
+    model = copy.deepcopy(tiny_model).train()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    loader = data.loader("forget", 16, shuffle=False)
+    targets = TargetCache(len(hr_splits.train_forget), data.device)
+    acc = method.gate_pass(model, data, loader, targets)
+    model.eval()
+    with torch.no_grad():
+        want = torch.cat([model(b.x).argmax(1) == b.y for b in loader])
+    assert torch.equal(targets.correct, want) and bool(targets.known.all())
+    assert acc == pytest.approx(float(want.float().mean()))
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
+    assert build_method("scar").gate_pass(model, data, loader, targets) is None

@@ -25,6 +25,8 @@ SELF_FORGET_INERT = {
     "stats": "the reference's retain statistics are not available without retain images",
     "hr_gate": "class removal only",
     "hr_margin": "class removal only",
+    "hr_gate_from": "class removal only",
+    "targets_from": "the reference's self-forget recomputes targets every step: not reproduced",
     "min_forget_images": "a guard against too few proxies; no reference counterpart",
     "synth_lr": "synth_steps is 0",
     "synth_beta": "synth_steps is 0",
@@ -82,6 +84,8 @@ def test_reference_values_of_spec_section_10():
     assert (scar["lr"], scar["beta2"], scar["batch_size"], scar["lambda_2"]) == \
         (5e-4, 0.999, 1024, 5.0)
     assert scar["bn_train"] and scar["surrogate_batch_size"] is None and scar["shrink_times"] == 2
+    assert scar["augment"] and (scar["targets_from"], scar["hr_gate_from"]) == \
+        ("current", "full")
     self_forget = ref.values("scar_self_forget")
     assert self_forget["shrink_times"] == 1  # the reference shrinks once in self-forget
     assert self_forget["replay_steps"] == self_forget["synth_steps"] == 0

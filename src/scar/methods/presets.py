@@ -115,6 +115,7 @@ _SCAR_COMMON: dict[str, Any] = {
     "cover_per_class": 0,
     "revisit_share": 0.0,  # shuffled forget batches only
     "mask_min": "kept",  # the CR mask value: minimum over the kept rows
+    "augment": True,  # retain and CR surrogate images through the training augmentation
 }
 _SCAR: dict[str, Any] = {
     **_SCAR_COMMON,
@@ -122,6 +123,8 @@ _SCAR: dict[str, Any] = {
     "stats": "retain",  # class statistics from the retain set (the reference's loader)
     "hr_gate": 0.8,
     "hr_margin": 0.015,
+    "targets_from": "current",  # Q*(x) from the student at the first step on each forget batch
+    "hr_gate_from": "full",  # the HR gate from an eval-mode pass over the forget set every step
 }
 # Self-forget: the reference shrinks once and takes every surrogate image predicted as a removed
 # class as a proxy, unsynthesised, with no head replay. Its retain statistics are not available

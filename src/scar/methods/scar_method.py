@@ -51,12 +51,20 @@ from scar.methods.step_size import (
 )
 from scar.methods.synthesis import most_probable_per_class, synthesize
 from scar.models.adapter import FeatureModel
+from scar.models.base import eval_mode
 
 log = logging.getLogger(__name__)
 
 STATS_SOURCES = ("stored", "retain", "surrogate")
 DIVERGENCES = ("kl", "js")
 STOP_CHECKS = ("auto", "epoch", "step")
+#: Where the nearest wrong class Q*(x) comes from: the frozen original in eval mode when an image
+#: is first reached (spec §3), or the current student at the first step on each forget batch,
+#: from that step's own features (the reference code, spec §10).
+TARGET_SOURCES = ("original", "current")
+#: Where the HR per-class gate reads each class's forget accuracy: each image's latest step or
+#: check, or a full eval-mode pass over the forget set after every step (the reference).
+GATE_SOURCES = ("latest", "full")
 #: Function change of the first step (KL nats on held-out surrogate images) that sets the learning
 #: rate when ``lr`` is None (``step_size.py``), per scenario. Measured on Fashion-MNIST, one
 #: seed, test-split metrics (the sweep with a research probe computing what
@@ -238,6 +246,14 @@ class SCAR(Method):
     hr_margin: float = HR_MARGIN  # HR stops below A_test − hr_margin (reference 0.015)
     balance_surrogate: bool = False  # CR: also sample surrogates balanced on teacher predictions
     mask_min: str = "batch"  # CR teacher mask value: batch minimum (spec §4) or "kept" (reference)
+    # The reference reads retain images (stats=retain) and CR surrogate batches through the
+    # original's training augmentation (its loaders use the training transforms), so its class
+    # statistics include augmented images and its teacher runs on every augmented surrogate
+    # batch. Off: statistics and the teacher's surrogate logits from unaugmented images, the
+    # logits computed once (spec §1, §4). HR surrogates are never augmented (spec §4).
+    augment: bool = False
+    targets_from: str = "original"  # TARGET_SOURCES; "current" is the reference
+    hr_gate_from: str = "latest"  # GATE_SOURCES; "full" is the reference (a pass per step)
     # Surrogate cover (an extension; 0 = off, the reference). Distillation protects only the
     # decision regions the surrogate images fall in, and a source the model sees as one class
     # protects almost none (natural-patches on Fashion-MNIST: 94% "bag"; class 0 then cost 6.5
@@ -283,6 +299,8 @@ class SCAR(Method):
         check_choice("stats", self.stats, STATS_SOURCES)
         check_choice("stop_check", self.stop_check, STOP_CHECKS)
         check_choice("tukey_mode", self.tukey_mode, ("signed", "clamp"))
+        check_choice("targets_from", self.targets_from, TARGET_SOURCES)
+        check_choice("hr_gate_from", self.hr_gate_from, GATE_SOURCES)
 
     def required_data(self) -> frozenset[str]:
         extra = {"stored": {"stats"}, "retain": {"retain"}, "surrogate": set()}[self.stats]
@@ -292,7 +310,8 @@ class SCAR(Method):
     def class_stats(self, original: FeatureModel, data: UnlearnData) -> ClassStats:
         """Statistics of the kept classes from the configured source (spec §1)."""
         kw = dict(num_classes=data.num_classes, delta=self.delta, tukey_mode=self.tukey_mode,
-                  device=data.device, batch_size=EVAL_BATCH)
+                  device=data.device, batch_size=EVAL_BATCH, augment=self.train_augment(data),
+                  seed=data.seed + 5)
         if self.stats == "stored":
             stats = data.stats
             if abs(stats.delta - self.delta) > 1e-12:
@@ -317,6 +336,18 @@ class SCAR(Method):
             )
         return stats.subset(kept)
 
+    def train_augment(self, data: UnlearnData):
+        """The original's training augmentation when ``augment`` is on (None otherwise, or
+        when the checkpoint records no recipe: then a warning says the images stay as they
+        are)."""
+        if not self.augment:
+            return None
+        if data.train_augment is None:
+            log.warning("%s: augment=True but the original's training augmentation is unknown "
+                        "(no recipe recorded with the checkpoint); images are not augmented",
+                        self.name)
+        return data.train_augment
+
     def build_head(self, stats: ClassStats, device: torch.device) -> MahalanobisHead:
         head = MahalanobisHead(stats, gamma1=self.gamma_1, gamma2=self.gamma_2,
                                shrink_times=self.shrink_times, delta=self.delta,
@@ -337,10 +368,10 @@ class SCAR(Method):
         """(batches, teacher-target fn) for the distillation term.
 
         The teacher is frozen, in eval mode, and surrogate images are not augmented, so its
-        logits are computed ONCE for the whole surrogate set. (The reference recomputes them on
-        every CR batch, which it augments, so its targets differ from these; not reproduced.)
-        CR masks them per batch (spec §4); HR, or ``balance_surrogate``, samples surrogate
-        images balanced on the teacher's predicted class.
+        logits are computed ONCE for the whole surrogate set. With ``augment`` (the reference)
+        CR surrogate batches pass through the training augmentation and the teacher runs on
+        each batch. CR masks the logits per batch (spec §4); HR, or ``balance_surrogate``,
+        samples surrogate images balanced on the teacher's predicted class.
         """
         sbs = self.surrogate_batch_size or self.batch_size
         with torch.no_grad():
@@ -351,15 +382,20 @@ class SCAR(Method):
         if data.scenario == "CR":
             removed = torch.tensor(data.removed_classes, device=data.device)
 
-            def target(batch):
-                return mask_teacher_cr(t_all[batch.idx], removed, self.mask_min)
+            augment = self.train_augment(data)
 
-            kw: dict = {"shuffle": True}
+            def target(batch):
+                if augment is None:
+                    return mask_teacher_cr(t_all[batch.idx], removed, self.mask_min)
+                with torch.no_grad():
+                    return mask_teacher_cr(original(batch.x), removed, self.mask_min)
+
+            kw: dict = {"shuffle": True, "augment": augment}
             if self.balance_surrogate or self.cover_per_class:
                 weights = balanced_weights(pred, data.num_classes)
                 # Images the teacher gives to a removed class are dropped by the mask anyway.
                 weights[torch.isin(pred, removed.cpu())] = 0.0
-                kw = {"weights": weights, "shuffle": False}
+                kw = {"weights": weights, "shuffle": False, "augment": augment}
             return cycle(data.loader(surrogate, sbs, seed_offset=1, **kw)), target
         weights = balanced_weights(pred, data.num_classes)
         loader = data.loader(surrogate, sbs, shuffle=False, seed_offset=1, weights=weights)
@@ -430,13 +466,18 @@ class SCAR(Method):
         try:
             for epoch in range(self.epochs):
                 for fb in forget_batches:
-                    self.assign_targets(teacher, head, targets, fb)
+                    if self.targets_from == "original":
+                        self.assign_targets(teacher, head, targets, fb)
                     fresh = forget_batches.fresh  # the shuffled part: the stopping trigger's
                     for k in range(self.surrogate_steps):
                         set_bn_train(model, self.bn_train)
                         sb = next(sur_batches)
                         t_logits, keep = teacher_target(sb)
                         feats, logits, s_logits = self.forward(student, fb.x, sb.x[keep])
+                        if self.targets_from == "current" and k == 0:
+                            with torch.no_grad():
+                                targets.set(fb.idx, head.nearest_wrong_class(feats, fb.y),
+                                            logits.argmax(1) == fb.y)
                         dist = head.distance_to(feats, targets.targets[fb.idx])
                         weights = self.sample_weights(targets.correct, forget_labels, fb.y, data)
                         loss_m = self.lambda_1 * (weights * dist).mean()
@@ -468,6 +509,7 @@ class SCAR(Method):
                         window_acc = pooled.add(batch_correct[:fresh]) if first else \
                             pooled.value()
                         running_acc = targets.running_accuracy()
+                        full_acc = self.gate_pass(model, data, forget_eval, targets)
                         self.record(step=step, epoch=epoch, loss_m=loss_m.detach(),
                                     loss_td=loss_td.detach(), batch_forget_acc=batch_acc,
                                     window_forget_acc=window_acc,
@@ -476,7 +518,13 @@ class SCAR(Method):
                         bar.set_postfix(L_M=f"{float(loss_m.detach()):.3f}",
                                         L_TD=f"{float(loss_td.detach()):.3f}",
                                         forget=f"{running_acc:.3f}")
-                        if epoch >= self.stop_from_epoch and self.stop_check != "epoch" and (
+                        if full_acc is not None and self.stop_check == "step":
+                            # The gate's pass is the reference's per-step check.
+                            if epoch >= self.stop_from_epoch and full_acc < target_acc:
+                                self.stop_reason_ = (f"forget accuracy {full_acc:.4f} < "
+                                                     f"target {target_acc:.4f}")
+                                return model
+                        elif epoch >= self.stop_from_epoch and self.stop_check != "epoch" and (
                                 self.stop_check == "step"
                                 or (first and window_acc < target_acc + self.stop_slack)
                         ) and self.confirm_stop(model, data, forget, targets, target_acc):
@@ -488,6 +536,22 @@ class SCAR(Method):
         finally:
             bar.close()
             self.steps_ = step
+
+    def gate_pass(self, model: nn.Module, data: UnlearnData, forget_eval, targets: TargetCache
+                  ) -> float | None:
+        """With ``hr_gate_from="full"`` in HR (the reference): every forget image's correctness
+        from an eval-mode pass after the step, for the per-class gate; the forget accuracy, or
+        None when no pass is due."""
+        if data.scenario != "HR" or self.hr_gate_from != "full":
+            return None
+        self.full_checks_ += 1
+        hits = []
+        with torch.no_grad(), eval_mode(model):
+            for b in forget_eval:
+                correct = model(b.x).argmax(1) == b.y
+                targets.observe(b.idx, correct)
+                hits.append(correct)
+        return float(torch.cat(hits).float().mean())
 
     def forward(self, student: FeatureModel, x_forget: torch.Tensor, x_surrogate: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -664,8 +728,9 @@ class TargetCache:
 
     Q*(x) is computed the first time the run reaches an image, with the frozen original model in
     eval mode, so a forget image the run never reaches (class removal often stops within one
-    epoch) costs no forward pass. The reference computes it with the *current* model in train
-    mode at the first surrogate step of each forget batch (spec §10); not reproduced.
+    epoch) costs no forward pass. With ``targets_from="current"`` (the reference, spec §10) it
+    is recomputed at the first surrogate step of each forget batch from the student's own
+    features of that step (BatchNorm in train mode when ``bn_train``).
     """
 
     def __init__(self, n: int, device: torch.device):
