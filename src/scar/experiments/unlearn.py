@@ -106,15 +106,28 @@ class UnlearnOutcome:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def run_unlearning(ck: Checkpoint, method: Method, data: UnlearnData) -> UnlearnOutcome:
-    """Unlearn (timed: statistics and teacher passes included, evaluation excluded)."""
+def run_unlearning(ck: Checkpoint, method: Method, data: UnlearnData, *,
+                   also_read: Mapping[str, int] | None = None) -> UnlearnOutcome:
+    """Unlearn (timed: statistics and teacher passes included, evaluation excluded).
+
+    ``also_read``: images read for this request outside the method (e.g. class statistics the
+    caller computed from training images), added to the data-access profile by kind."""
     model = method.unlearn(ck.model, data)
     info = {k: getattr(method, k)
             for k in ("stop_reason_", "steps_", "full_checks_", "cover_images_", "lr_")
             if hasattr(method, k)}
+    touched = merge_counts(method.access_, also_read or {})
     return UnlearnOutcome(model=model.cpu(), method=method, seconds=method.seconds_,
-                          touched=method.access_, profile=access_profile(method, method.access_),
-                          info=info)
+                          touched=touched, profile=access_profile(method, touched), info=info)
+
+
+def merge_counts(*counts: Mapping[str, int]) -> dict[str, int]:
+    """Image counts by data kind, summed."""
+    out: dict[str, int] = {}
+    for c in counts:
+        for kind, n in c.items():
+            out[kind] = out.get(kind, 0) + int(n)
+    return out
 
 
 def unlearned_path(path: str | Path) -> Path:
