@@ -583,3 +583,69 @@ def test_reference_preset_gates_hr_on_a_full_eval_pass_after_every_step(
     assert acc == pytest.approx(float(want.float().mean()))
     assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
     assert build_method("scar").gate_pass(model, data, loader, targets) is None
+
+
+def _reference_self_forget(**override):
+    from scar.methods.presets import with_preset
+
+    return build_method("scar_self_forget", **with_preset(
+        "scar_self_forget", {"batch_size": 4, **override}, "reference"))
+
+
+def test_reference_self_forget_splits_proxies_inside_each_batch_and_skips_batches_without(
+        tiny_model, synth, cr_splits, surrogate, stats, monkeypatch):
+    from scar.methods.mahalanobis import MahalanobisHead
+
+    calls: list[int] = []
+    nearest = MahalanobisHead.nearest_wrong_class
+
+    def spy(self, features, labels):
+        calls.append(len(labels))
+        assert features.requires_grad  # the student's features of this step
+        return nearest(self, features, labels)
+
+    monkeypatch.setattr(MahalanobisHead, "nearest_wrong_class", spy)
+    method = _reference_self_forget(epochs=2)  # the stop applies from epoch index 2: never here
+    data = make_data(synth, cr_splits, surrogate, stats)
+    method.unlearn(tiny_model, data)
+    # The same batches, and the teacher's proxies in each, counted independently.
+    loader = data.loader("surrogate", 4, shuffle=True, seed_offset=1)
+    with_proxy, proxies = 0, []
+    for _ in range(2):
+        for b in loader:
+            with torch.no_grad():
+                hit = tiny_model(b.x).argmax(1) == 1
+            if bool(hit.any()):
+                with_proxy += 1
+                proxies.append(int(hit.sum()))
+    assert 0 < with_proxy < 2 * len(loader)  # some batches have no proxy
+    assert method.steps_ == with_proxy and method.skipped_batches_ == 2 * len(loader) - with_proxy
+    assert calls == proxies  # targets of this step's proxies, at every step
+    assert [r["proxies"] for r in method.history_] == proxies
+    assert data.touched()["forget"] == 0 and data.touched()["retain"] > 0  # retain statistics
+
+
+def test_reference_self_forget_stops_on_the_real_forget_set_and_says_so(
+        tiny_model, synth, cr_splits, surrogate, stats, monkeypatch):
+    from scar.methods.scar_method import SCAR
+
+    checked: list[int] = []
+    confirm = SCAR.confirm_stop
+
+    def spy(self, model, data, forget, *args):
+        checked.append(len(forget))
+        return confirm(self, model, data, forget, *args)
+
+    monkeypatch.setattr(SCAR, "confirm_stop", spy)
+    method = _reference_self_forget(epochs=3, batch_size=32)
+    assert method.required_data() == {"surrogate", "retain", "forget"}
+    assert "not forget-free" in access_profile(method)
+    data = make_data(synth, cr_splits, surrogate, stats)
+    method.unlearn(tiny_model, data)
+    in_epoch_2 = [r for r in method.history_ if r["epoch"] == 2]
+    assert in_epoch_2 and len(checked) == len(in_epoch_2)  # every step from epoch index 2
+    assert set(checked) == {len(cr_splits.train_forget)} and data.touched()["forget"] > 0
+    with pytest.raises(ConfigError, match="needs proxies='per_batch'"):
+        build_method("scar_self_forget", stop_on="forget")
+    with pytest.raises(MissingRequirementError):
+        method.unlearn(tiny_model, make_data(synth, cr_splits, surrogate, stats, forget=None))

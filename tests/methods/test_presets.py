@@ -22,11 +22,10 @@ SCAR_INERT = {
 }
 SELF_FORGET_INERT = {
     **SCAR_INERT,
-    "stats": "the reference's retain statistics are not available without retain images",
     "hr_gate": "class removal only",
     "hr_margin": "class removal only",
     "hr_gate_from": "class removal only",
-    "targets_from": "the reference's self-forget recomputes targets every step: not reproduced",
+    "targets_from": "the fixed-proxy loop only; proxies='per_batch' recomputes them every step",
     "min_forget_images": "a guard against too few proxies; no reference counterpart",
     "synth_lr": "synth_steps is 0",
     "synth_beta": "synth_steps is 0",

@@ -126,12 +126,16 @@ _SCAR: dict[str, Any] = {
     "targets_from": "current",  # Q*(x) from the student at the first step on each forget batch
     "hr_gate_from": "full",  # the HR gate from an eval-mode pass over the forget set every step
 }
-# Self-forget: the reference shrinks once and takes every surrogate image predicted as a removed
-# class as a proxy, unsynthesised, with no head replay. Its retain statistics are not available
-# to a method that sees no retain image (stats stays "stored").
+# Self-forget: the reference shrinks once, reads retain statistics, and takes as proxies the
+# images of each augmented surrogate batch that the teacher predicts as a removed class
+# (unsynthesised, no head replay), with targets every step; it stops on the real forget set, so
+# this preset's self-forget reads the retain and the forget set (its access profile says so).
 _SELF_FORGET: dict[str, Any] = {
     **_SCAR_COMMON,
     "shrink_times": 1,
+    "stats": "retain",
+    "proxies": "per_batch",
+    "stop_on": "forget",
     "min_proxies": 0,
     "max_proxies": None,
     "synth_steps": 0,

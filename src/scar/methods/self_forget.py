@@ -18,15 +18,28 @@ from torch import nn
 
 from scar.data.base import ImageSet, TensorImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice, check_range
-from scar.methods.base import EVAL_BATCH, UnlearnData, register
+from scar.methods.base import EVAL_BATCH, UnlearnData, register, seeded, set_bn_train
 from scar.methods.mahalanobis import ClassStats, inverse_tukey
-from scar.methods.scar_method import SCAR, TargetCache, kl_divergence
+from scar.methods.scar_method import (
+    DIVERGENCE_FNS,
+    SCAR,
+    TargetCache,
+    kl_divergence,
+    mask_teacher_cr,
+)
 from scar.methods.synthesis import GaussianSampler, sample_points, synthesize
 from scar.models.adapter import FeatureModel
 
 log = logging.getLogger(__name__)
 
 SYNTH_TARGETS = ("mean", "sample")
+#: How proxies are chosen: once, before the loop, from unaugmented surrogate images ("fixed");
+#: or inside every (augmented) surrogate batch, from the teacher's predictions on it
+#: ("per_batch", the reference code, spec §10).
+PROXY_MODES = ("fixed", "per_batch")
+#: What the stopping rule reads: the proxies, or the real forget set (the reference: the method
+#: is then not forget-free).
+STOP_SOURCES = ("proxies", "forget")
 
 
 @torch.no_grad()
@@ -157,6 +170,14 @@ class SCARSelfForget(SCAR):
     replay_steps: int = 300
     replay_per_class: int = 256
     replay_lr: float = 1e-2
+    # The reference's self-forget loop (spec §10): proxies = the images of each augmented
+    # surrogate batch that the teacher predicts as a removed class (a batch without one is
+    # skipped), their nearest wrong class recomputed from the student at every step, the rest
+    # of the batch distilled with the CR teacher mask, one step per surrogate batch
+    # (surrogate_steps does not apply). Its statistics may then come from the retain set, and
+    # its stop from the real forget set (stop_on="forget"), as the reference's do.
+    proxies: str = "fixed"
+    stop_on: str = "proxies"
 
     def validate(self) -> None:
         super().validate()
@@ -172,13 +193,25 @@ class SCARSelfForget(SCAR):
         check_range("replay_steps", self.replay_steps, 0)
         check_range("replay_per_class", self.replay_per_class, 1)
         check_range("replay_lr", self.replay_lr, 0, low_inclusive=False)
-        if self.stats == "retain":
+        check_choice("proxies", self.proxies, PROXY_MODES)
+        check_choice("stop_on", self.stop_on, STOP_SOURCES)
+        if self.stats == "retain" and self.proxies != "per_batch":
             raise ConfigError(
                 "scar_self_forget cannot use stats='retain' (it sees no retain images); "
-                "allowed: 'stored', 'surrogate'."
+                "allowed: 'stored', 'surrogate' (stats='retain' only with proxies='per_batch', "
+                "the reference's loop)."
             )
+        if self.stop_on == "forget" and self.proxies != "per_batch":
+            raise ConfigError("stop_on='forget' (the reference's stop on the real forget set) "
+                              "needs proxies='per_batch'; allowed with proxies='fixed': "
+                              "'proxies'.")
+
+    def required_data(self) -> frozenset[str]:
+        return super().required_data() | ({"forget"} if self.stop_on == "forget" else set())
 
     def access_note(self) -> str | None:
+        if self.stop_on == "forget":
+            return "not forget-free: the stopping rule reads the real forget set (the reference)"
         if self.stats != "stored":
             return None
         uses = [name for name, on in (("proxy synthesis", self.synth_steps and self.synth_beta > 0),
@@ -188,7 +221,74 @@ class SCARSelfForget(SCAR):
     def _unlearn(self, model: nn.Module, original: nn.Module, data: UnlearnData) -> nn.Module:
         self.replay_still_ = self.replay_head(model, original, data) if self.replay_steps \
             else None
+        if self.proxies == "per_batch":
+            with seeded(data):
+                return self.run_per_batch(model, original, data)
         return super()._unlearn(model, original, data)
+
+    def run_per_batch(self, model: nn.Module, original: nn.Module, data: UnlearnData
+                      ) -> nn.Module:
+        """The reference's self-forget loop (see ``proxies``)."""
+        student, teacher = self.wrap(model, original, data)
+        head = self.build_head(self.class_stats(teacher, data), data.device)
+        removed = torch.tensor(data.removed_classes, device=data.device)
+        loader = data.loader("surrogate", self.surrogate_batch_size or self.batch_size,
+                             shuffle=True, seed_offset=1, augment=self.train_augment(data))
+        divergence = DIVERGENCE_FNS[self.divergence]
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.lr or 0.0, betas=(0.9, self.beta2),
+                               weight_decay=self.weight_decay)
+        self.lr_ = self.lr
+        forget = data.forget if self.stop_on == "forget" else None
+        checks = TargetCache(len(forget), data.device) if forget is not None else None
+        self.stop_reason_, self.full_checks_, self.steps_, self.skipped_batches_ = \
+            "max epochs", 0, 0, 0
+        for epoch in range(self.epochs):
+            batch_hits = []
+            for sb in loader:
+                with torch.no_grad():
+                    t_logits = original(sb.x)
+                t_kept, keep = mask_teacher_cr(t_logits, removed, self.mask_min)
+                if bool(keep.all()):  # no proxy in this batch
+                    self.skipped_batches_ += 1
+                    continue
+                set_bn_train(model, self.bn_train)
+                feats, logits = student(sb.x)
+                proxy_feats, proxy_labels = feats[~keep], t_logits.argmax(1)[~keep]
+                with torch.no_grad():  # the targets of this step (the reference: every step)
+                    goal = head.nearest_wrong_class(proxy_feats, proxy_labels)
+                loss_m = self.lambda_1 * head.distance_to(proxy_feats, goal).mean()
+                loss_td = self.lambda_2 * divergence(t_kept, logits[keep], self.temperature) \
+                    if bool(keep.any()) else torch.zeros((), device=data.device)
+                loss = loss_m + loss_td
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if self.lr_ is None:
+                    self.lr_ = self.calibrate(model, original, params, data.surrogate, data)
+                    for group in opt.param_groups:
+                        group["lr"] = self.lr_
+                opt.step()
+                self.steps_ += 1
+                hits = logits.detach()[~keep].argmax(1) == proxy_labels
+                batch_hits.append(hits)
+                self.record(step=self.steps_, epoch=epoch, loss_m=loss_m.detach(),
+                            loss_td=loss_td.detach(), proxies=int((~keep).sum()),
+                            batch_forget_acc=float(hits.float().mean()))
+                if forget is not None and self.stop_check == "step" and \
+                        epoch >= self.stop_from_epoch and \
+                        self.confirm_stop(model, data, forget, checks, self.proxy_target):
+                    return model
+            if epoch < self.stop_from_epoch:
+                continue
+            if forget is not None and self.stop_check != "step":
+                if self.confirm_stop(model, data, forget, checks, self.proxy_target):
+                    return model
+            elif forget is None and batch_hits and \
+                    float(torch.cat(batch_hits).float().mean()) < self.proxy_target:
+                # The proxies' accuracy over the epoch, from each step's own predictions.
+                self.stop_reason_ = "proxies forgotten over an epoch"
+                return model
+        return model
 
     def done_before_start(self, model: nn.Module, data: UnlearnData, forget: ImageSet,
                           targets: TargetCache, target: float) -> bool:
