@@ -138,7 +138,7 @@ def _embedded_meta(path: Path) -> dict[str, Any] | None:
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw = (fh.metadata() or {}).get(META_KEY)
-    except Exception:  # noqa: BLE001 - an unreadable file is reported by _read_state
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by read_state
         return None
     if raw is None:
         return None
@@ -205,7 +205,28 @@ def _torch_reason(exc: BaseException) -> str:
     return lines[0].rstrip(".") if lines else type(exc).__name__
 
 
-def _read_state(path: Path) -> dict[str, torch.Tensor]:
+def check_file(path: str | Path) -> Path:
+    """``path`` as a Path, when it names an existing file (else a clear error)."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingDataError(f"Checkpoint {path} does not exist.")
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.safetensors"))[:5]
+        raise CheckpointError(
+            f"Checkpoint {path} is a folder; give the weights file inside it"
+            + (f" (e.g. {', '.join(found)})." if found else " (a .safetensors file).")
+        )
+    return path
+
+
+def has_metadata(path: str | Path) -> bool:
+    """Whether the checkpoint carries SCAR metadata (embedded, or a sidecar next to it): a
+    plain state dict saved by other tools has none and needs its model and data named."""
+    path = Path(path)
+    return sidecar_path(path).exists() or _embedded_meta(path) is not None
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -283,16 +304,8 @@ def load_checkpoint(
     expect_num_classes: int | None = None,
 ) -> Checkpoint:
     """Load a checkpoint safely; a wrong architecture or class count is a clear CheckpointError."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingDataError(f"Checkpoint {path} does not exist.")
-    if path.is_dir():
-        found = sorted(p.name for p in path.glob("*.safetensors"))[:5]
-        raise CheckpointError(
-            f"Checkpoint {path} is a folder; give the weights file inside it"
-            + (f" (e.g. {', '.join(found)})." if found else " (a .safetensors file).")
-        )
-    state = _read_state(path)  # first: an unsafe file is refused before anything else
+    path = check_file(path)
+    state = read_state(path)  # first: an unsafe file is refused before anything else
     if model_spec is None or sidecar_path(path).exists():
         meta = _read_meta(path)
     else:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from scar import __version__
 from scar.errors import ConfigError, ScarError
 
 log = logging.getLogger("scar")
@@ -90,6 +91,15 @@ def forget_spec_from_args(args: argparse.Namespace):
     if args.forget_count is not None:
         return ForgetSpec.random(count=args.forget_count, seed=args.forget_seed)
     return None
+
+
+def add_own_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="architecture of a plain state dict (a .pt/.pth saved with "
+                        "torch.save(model.state_dict()) or a safetensors file without SCAR "
+                        "metadata), e.g. tv:resnet18; needs --dataset")
+    p.add_argument("--head", default=None,
+                   help="classifier head module of a plain state dict (default: found)")
 
 
 def add_device_args(p: argparse.ArgumentParser) -> None:
@@ -221,20 +231,36 @@ def index_files(args: argparse.Namespace) -> list[Path]:
     return [Path(path)] if path else []
 
 
-def load_checkpoint_dataset(ck, args: argparse.Namespace):
-    """The data of checkpoint ``ck``: its recorded dataset and options, unless overridden by
-    ``--dataset`` / ``--dataset-option``."""
-    from scar.experiments.unlearn import load_dataset_for
+def open_checkpoint(args: argparse.Namespace):
+    """``--checkpoint`` and its data: a SCAR checkpoint with its recorded dataset and options
+    (``--dataset`` / ``--dataset-option`` override them), or a plain state dict with ``--model``,
+    ``--dataset`` (and ``--head``)."""
+    from scar.experiments.unlearn import open_checkpoint as open_with_data
 
-    options = (parse_dataset_options(args.dataset or ck.dataset, args.dataset_option)
-               if args.dataset_option else None)
-    return load_dataset_for(ck, args.dataset, options, data_dir=args.data_dir,
-                            download=args.download)
+    def options(dataset: str) -> dict[str, Any] | None:
+        return parse_dataset_options(dataset, args.dataset_option) if args.dataset_option \
+            else None
+
+    return open_with_data(args.checkpoint, model=args.model, head=args.head,
+                          dataset=args.dataset, options=options, data_dir=args.data_dir,
+                          download=args.download)
+
+
+def load_reference(path: str | Path, ck, bundle, flag: str):
+    """An ``--original`` / ``--oracle`` (or the recorded parent) of checkpoint ``ck``: a SCAR
+    checkpoint, or a plain state dict of ``ck``'s architecture."""
+    from scar.checkpoint import check_file, has_metadata, load_checkpoint
+    from scar.experiments.unlearn import plain_checkpoint
+
+    if has_metadata(check_file(path)):
+        return same_task(ck, load_checkpoint(path), flag)
+    spec = ck.model_spec
+    return plain_checkpoint(path, bundle, spec.name, head=spec.head, model_kwargs=spec.kwargs)
 
 
 @command("unlearn")
 def cmd_unlearn(args: argparse.Namespace) -> int:
-    from scar.checkpoint import check_output, input_files, load_checkpoint, sidecar_path
+    from scar.checkpoint import check_output, input_files, sidecar_path
     from scar.data.forget import make_splits
     from scar.evaluation.audit import audit_models
     from scar.experiments import unlearn as ul
@@ -242,14 +268,14 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from scar.methods.presets import with_preset
     from scar.utils import resolve_device
 
-    ck = load_checkpoint(args.checkpoint)
+    ck, bundle = open_checkpoint(args)
     dest = ul.unlearned_path(args.out)
     check_output([dest, sidecar_path(dest)], input_files(ck) + index_files(args))
-    bundle = load_checkpoint_dataset(ck, args)
     spec = forget_spec_from_args(args)
     splits = make_splits(bundle, spec)
     method = build_method(args.method, **with_preset(args.method, parse_sets(args.set),
                                                      args.preset, bundle.info.name))
+    ul.check_stats(ck, method)
     device = resolve_device(args.device)
     surrogate = None
     if "surrogate" in method.uses():
@@ -300,12 +326,12 @@ def format_summary(results: dict, scenario: str) -> str:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from scar.checkpoint import check_output, input_files, load_checkpoint, sidecar_path
+    from scar.checkpoint import check_output, input_files, sidecar_path
     from scar.data.forget import ForgetSpec, make_splits
     from scar.evaluation.audit import audit_models, mia_note
     from scar.utils import atomic_write_json, resolve_device
 
-    ck = load_checkpoint(args.checkpoint)
+    ck, bundle = open_checkpoint(args)
     if args.out:
         inputs = input_files(ck) + index_files(args) + [
             p for ref in (args.original or ck.meta.get("parent"), args.oracle) if ref
@@ -319,16 +345,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 "--forget-indices, --forget-fraction or --forget-count."
             )
         spec = ForgetSpec.from_dict(ck.meta["forget"])
-    bundle = load_checkpoint_dataset(ck, args)
     splits = make_splits(bundle, spec)
     models = {}
     original_path = args.original or ck.meta.get("parent")
     if original_path:
-        models["original"] = same_task(ck, load_checkpoint(original_path), "--original").model
+        models["original"] = load_reference(original_path, ck, bundle, "--original").model
     else:
         models["original"] = ck.model
     if args.oracle:
-        models["retrain"] = same_task(ck, load_checkpoint(args.oracle), "--oracle").model
+        models["retrain"] = load_reference(args.oracle, ck, bundle, "--oracle").model
     models["evaluated"] = ck.model
     scenario = "CR" if spec.kind == "class" else "HR"
     results, _ = audit_models(models, splits, ck.input_spec, scenario,
@@ -374,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="scar",
         description="SCAR: retain-free machine unlearning for image classifiers.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -430,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors) or folder")
     add_data_args(p, dataset_default=None)
+    add_own_checkpoint_args(p)
     add_device_args(p)
 
     p = sub.add_parser("demo", help="the whole workflow on Fashion-MNIST (train, unlearn, report)")
@@ -448,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mia-variant", default="balanced", choices=["balanced", "reference"])
     p.add_argument("--out", default=None, help="write the JSON report here (else stdout)")
     add_data_args(p, dataset_default=None)
+    add_own_checkpoint_args(p)
     add_device_args(p)
 
     for extend in EXTENSIONS:

@@ -24,6 +24,9 @@ Format (every key but ``dataset``, ``scenario`` and the forget amount is optiona
     mia_variant: balanced      # balanced | reference (protocol.md)
     oracles: all               # all | none | the class entries (CR) / seeds (HR) that get one
     preset: null               # named hyperparameters of every method (`scar list presets`)
+    checkpoint: null           # an existing original of the grid's one model instead of training
+                               #   one (a SCAR checkpoint, or a plain state dict of 'model';
+                               #   per model: a 'checkpoint' key in its mapping)
     methods:                   # name → hyperparameters ({} or null = the preset's, else defaults)
       scar: {}
       scar_self_forget: {}
@@ -36,8 +39,8 @@ them. Each run records its preset (``RunSpec.preset``, the ``preset`` of its res
 run with a preset gets another id than one without.
 
 **Per-model settings.** An entry of the ``model`` list may be a mapping (keys ``name``, required,
-and optionally ``dataset_options``, ``model_kwargs``, ``train``); each of its mappings is set, key
-by key, over the grid-level mapping of the same name, for that model only::
+and optionally ``dataset_options``, ``model_kwargs``, ``train``, ``checkpoint``); each of its
+mappings is set, key by key, over the grid-level mapping of the same name, for that model only::
 
     model:
       - fastcnn                                   # the grid-level settings
@@ -92,9 +95,13 @@ GRID_KEYS: tuple[str, ...] = (
     "name", "dataset", "dataset_options", "model", "model_kwargs", "data_dir", "download",
     "device", "train", "scenario", "classes", "seeds", "forget_fraction", "forget_count",
     "surrogate", "surrogate_n", "mia", "mia_variant", "oracles", "preset", "methods",
+    "checkpoint",
 )  # fmt: skip
 #: Keys of a mapping entry of the ``model`` list.
-MODEL_ENTRY_KEYS: tuple[str, ...] = ("name", "dataset_options", "model_kwargs", "train")
+MODEL_ENTRY_KEYS: tuple[str, ...] = ("name", "dataset_options", "model_kwargs", "train",
+                                     "checkpoint")
+#: The entry keys that are mappings, set key by key over the grid-level mapping of that name.
+MERGED_KEYS: tuple[str, ...] = ("dataset_options", "model_kwargs", "train")
 #: The words ``oracles`` takes besides a list of requests.
 ORACLE_CHOICES = ("all", "none")
 SCENARIOS = ("CR", "HR")
@@ -120,6 +127,7 @@ class ModelEntry:
     dataset_options: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    checkpoint: str | None = None  # an existing original (no training); else one is trained
 
     @property
     def label(self) -> str:
@@ -224,11 +232,12 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
         raise ConfigError(
             f"grid key 'mia_variant' must be one of {list(MIA_VARIANTS)}; got {mia_variant!r}."
         )
-    shared = {key: _mapping(key, raw.get(key)) for key in MODEL_ENTRY_KEYS[1:]}
+    shared = {key: _mapping(key, raw.get(key)) for key in MERGED_KEYS}
     grid = Grid(
         datasets=_names("dataset", raw["dataset"]),
         scenario=scenario,
-        models=_models(raw.get("model"), shared),
+        models=_with_checkpoint(_models(raw.get("model"), shared),
+                                _optional_str("checkpoint", raw.get("checkpoint"))),
         name=_name(raw.get("name")),
         data_dir=_optional_str("data_dir", raw.get("data_dir")),
         download=_bool("download", raw.get("download", False)),
@@ -295,8 +304,24 @@ def _models(value: Any, shared: Mapping[str, dict[str, Any]]) -> tuple[ModelEntr
                 f"default); got {v.get('name', '(missing)')!r}."
             )
         own = {k: _mapping(f"{where}.{k}", v.get(k)) for k in shared}
-        entries.append(ModelEntry(v["name"], **{k: {**shared[k], **own[k]} for k in shared}))
+        entries.append(ModelEntry(v["name"], **{k: {**shared[k], **own[k]} for k in shared},
+                                  checkpoint=_optional_str(f"{where}.checkpoint",
+                                                           v.get("checkpoint"))))
     return tuple(entries)
+
+
+def _with_checkpoint(entries: tuple[ModelEntry, ...], checkpoint: str | None
+                     ) -> tuple[ModelEntry, ...]:
+    """The grid-level ``checkpoint``: the original of the grid's one model."""
+    if checkpoint is None:
+        return entries
+    if len(entries) != 1 or entries[0].checkpoint is not None:
+        raise ConfigError(
+            "grid key 'checkpoint' is the original of one model, but the grid lists "
+            f"{len(entries)} models; give each model its own ('model: [{{name: ..., checkpoint: "
+            "...}]') or list one model."
+        )
+    return (replace(entries[0], checkpoint=checkpoint),)
 
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -452,6 +477,7 @@ def validate_grid(grid: Grid) -> None:
     from scar.training.recipes import Recipe
 
     _check_scenario_keys(grid)
+    _check_checkpoints(grid)
     for dataset in grid.datasets:
         loader, _ = DATASETS.resolve(dataset)
         for entry in grid.models:
@@ -497,6 +523,26 @@ def validate_grid(grid: Grid) -> None:
         PRESETS.get(grid.preset)  # UnknownComponentError naming the known presets
     for name, hparams in grid.methods:
         _check_method(name, hparams, grid)
+
+
+def _check_checkpoints(grid: Grid) -> None:
+    """Existing originals (key ``checkpoint``): a file, for one dataset, of a named model."""
+    for entry in grid.models:
+        if entry.checkpoint is None:
+            continue
+        if not Path(entry.checkpoint).is_file():
+            raise ConfigError(f"grid key 'checkpoint': file {entry.checkpoint} does not exist.")
+        if len(grid.datasets) != 1:
+            raise ConfigError(
+                f"grid key 'checkpoint' ({entry.checkpoint}) is the original of one dataset, but "
+                f"the grid lists {list(grid.datasets)}; run one grid per dataset."
+            )
+        if entry.name is None:
+            raise ConfigError(
+                f"grid key 'checkpoint' ({entry.checkpoint}) needs the model's name (grid key "
+                "'model', e.g. tv:resnet18): a plain state dict does not record its "
+                "architecture, and an oracle is trained with it."
+            )
 
 
 def _check_oracle_classes(grid: Grid, dataset: str, options: Mapping[str, Any]) -> None:
@@ -644,6 +690,7 @@ class RunSpec:
     dataset_options_items: Items = ()
     model_kwargs_items: Items = ()
     preset: str | None = None  # the preset the hyperparameters started from
+    checkpoint: str | None = None  # an existing original (grid key 'checkpoint'); else trained
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -672,7 +719,7 @@ class RunSpec:
     def request(self) -> tuple:
         """What the original / oracle checkpoints and the reference rows depend on."""
         return (self.dataset, self.dataset_options_items, self.model, self.model_kwargs_items,
-                self.train_items, self.forget, self.mia, self.mia_variant)
+                self.train_items, self.forget, self.mia, self.mia_variant, self.checkpoint)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -690,8 +737,10 @@ class RunSpec:
             "surrogate_n": self.surrogate_n,
             "mia": self.mia,
             "mia_variant": self.mia_variant,
-            # Only when set, so that the ids of runs without a preset stay what they were.
+            # Only when set, so that the ids of runs without a preset / a given original stay
+            # what they were.
             **({"preset": self.preset} if self.preset is not None else {}),
+            **({"checkpoint": self.checkpoint} if self.checkpoint is not None else {}),
         }
 
     @property
@@ -816,6 +865,7 @@ def expand(grid: Grid) -> list[RunSpec]:
                 "train_items": freeze(entry.train),
                 "dataset_options_items": freeze(entry.dataset_options),
                 "model_kwargs_items": freeze(entry.model_kwargs),
+                "checkpoint": entry.checkpoint,
             }
             for forget, seeds in forget_requests(grid, dataset, entry.dataset_options):
                 ref_seed = forget.seed if grid.scenario == "HR" else TRAIN_SEED

@@ -68,6 +68,8 @@ from scar.experiments.store import ResultsStore
 from scar.experiments.unlearn import (
     build_unlearn_data,
     check_dataset_matches,
+    check_stats,
+    given_checkpoint,
     load_surrogate_for,
     run_unlearning,
 )
@@ -200,7 +202,10 @@ def _slug(text: str) -> str:
 
 
 def checkpoint_path(run_dir: str | Path, spec: RunSpec, role: str) -> Path:
-    """Cache path of the original (``role="original"``) or oracle checkpoint of ``spec``."""
+    """Cache path of the original (``role="original"``) or oracle checkpoint of ``spec``; the
+    given original itself when the grid names one (key ``checkpoint``)."""
+    if role == "original" and spec.checkpoint is not None:
+        return Path(spec.checkpoint)
     d = spec.to_dict()
     key = {k: d[k] for k in ("dataset", "dataset_options", "model", "model_kwargs", "train")}
     key.update(seed=TRAIN_SEED, forget=d["forget"] if role == "oracle" else None)
@@ -236,6 +241,14 @@ def train_checkpoint(task: TrainTask) -> dict[str, Any]:
     return {"path": task.path, "error": None}
 
 
+def load_original(spec: RunSpec, path: str, bundle: DatasetBundle) -> Checkpoint:
+    """The original of ``spec``: a cached (or given) SCAR checkpoint, or a given plain state
+    dict of the run's model."""
+    if spec.checkpoint is None:
+        return load_checkpoint(path)
+    return given_checkpoint(path, bundle, spec.model, model_kwargs=spec.model_kwargs)
+
+
 # ---------------------------------------------------------------- reference rows
 def oracle_access(oracle: Checkpoint, n_retain: int) -> dict[str, Any]:
     """The oracle's data access: it trains on the whole retain set for every epoch."""
@@ -254,7 +267,7 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
     try:
         device = resolve_device(task.settings.device)
         bundle = cached_dataset(original_spec, task.settings)
-        checkpoints = {"original": load_checkpoint(task.original)}
+        checkpoints = {"original": load_original(original_spec, task.original, bundle)}
         if task.oracle is not None:
             checkpoints["retrain"] = load_checkpoint(task.oracle)
         for ck in checkpoints.values():
@@ -293,10 +306,11 @@ def run_method(task: MethodTask) -> dict[str, Any]:
     try:
         device = resolve_device(settings.device)
         bundle = cached_dataset(spec, settings)
-        ck = load_checkpoint(task.original)
+        ck = load_original(spec, task.original, bundle)
         check_dataset_matches(ck, bundle)
         splits = make_splits(bundle, spec.forget)
         method = build_method(spec.method, **spec.hparams)
+        check_stats(ck, method)
         surrogate = (cached_surrogate(ck, spec, settings)
                      if "surrogate" in method.uses() else None)
         data = build_unlearn_data(ck, bundle, splits, surrogate=surrogate, device=device,
@@ -431,8 +445,9 @@ def _run(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
     # 1. checkpoints (each cached path once, whatever the number of requests sharing it)
     train: dict[str, TrainTask] = {}
     for req in requests.values():
-        train.setdefault(req.original, TrainTask(req.specs[0], "original", req.original,
-                                                 settings))
+        if req.specs[0].checkpoint is None:  # else the grid gives the original
+            train.setdefault(req.original, TrainTask(req.specs[0], "original", req.original,
+                                                     settings))
         if req.oracle is not None:
             train.setdefault(req.oracle, TrainTask(req.specs[0], "oracle", req.oracle, settings))
     todo = [t for t in train.values() if not checkpoint_exists(t.path)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from scar.data.base import ImageSet
 from scar.data.datasets import DatasetBundle, load_dataset
 from scar.data.forget import ForgetSpec, Splits
 from scar.data.surrogates import load_surrogate
-from scar.errors import ConfigError
+from scar.errors import CheckpointError, ConfigError, MissingRequirementError
 from scar.methods.base import Method, UnlearnData, access_profile
 from scar.methods.mahalanobis import ClassStats
 from scar.training.recipes import recorded_augment
@@ -68,9 +68,47 @@ def stored_stats(ck: Checkpoint) -> ClassStats | None:
     return ClassStats.load(path)
 
 
+def check_stats(ck: Checkpoint, method: Method) -> None:
+    """Before any work: a method configured to read stored class statistics needs a checkpoint
+    that has them (``scar train`` records them; a checkpoint trained elsewhere has none)."""
+    if "stats" not in method.required_data():
+        return
+    path = ck.stats_path()
+    if path is not None and path.exists():
+        return
+    why = (f"its statistics file {path} is missing" if path is not None else
+           "it records none (only `scar train` records them)")
+    raise MissingRequirementError(
+        f"method {method.name!r} as configured reads the class statistics stored with checkpoint "
+        f"{ck.path}, but {why}. Set its 'stats' hyperparameter: stats=surrogate (data-free: "
+        "statistics of the surrogate images by predicted class) or stats=retain (reads the "
+        "retain set: not retain-free); --set stats=surrogate on the command line, "
+        "{stats: surrogate} in a grid's method mapping."
+    )
+
+
 def removed_so_far(ck: Checkpoint) -> tuple[int, ...]:
     """Classes already removed by earlier requests on this checkpoint (second deletion request)."""
     return tuple(ck.meta.get("removed_classes") or ())
+
+
+def original_test_accuracy(ck: Checkpoint, bundle: DatasetBundle,
+                           device: torch.device | str = "cpu") -> float:
+    """The original's test accuracy (HR stopping rule): the recorded one, else measured once
+    on the test split (a checkpoint trained elsewhere records none)."""
+    recorded = ck.meta.get("test_acc")
+    if recorded is not None:
+        return float(recorded)
+    from scar.data.base import BatchLoader
+    from scar.methods.base import EVAL_BATCH, accuracy_on
+
+    acc = accuracy_on(ck.model.to(device), BatchLoader(bundle.test, ck.input_spec,
+                                                       batch_size=EVAL_BATCH, device=device))
+    ck.model.cpu()
+    log.info("checkpoint %s records no test accuracy; measured %.4f on the test split",
+             ck.path, acc)
+    ck.meta["test_acc"] = acc
+    return acc
 
 
 def build_unlearn_data(ck: Checkpoint, bundle: DatasetBundle, splits: Splits, *,
@@ -78,6 +116,8 @@ def build_unlearn_data(ck: Checkpoint, bundle: DatasetBundle, splits: Splits, *,
                        seed: int = 0, progress: bool = False) -> UnlearnData:
     scenario = scenario_of(splits.spec)
     removed = tuple(sorted(set(splits.removed_classes) | set(removed_so_far(ck))))
+    if scenario == "HR":
+        original_test_accuracy(ck, bundle, device)
     return UnlearnData(
         input_spec=ck.input_spec,
         num_classes=bundle.info.num_classes,
@@ -227,3 +267,89 @@ def check_dataset_matches(ck: Checkpoint, bundle: DatasetBundle) -> None:
             f"data was loaded with {bundle.options} (differing: {differ}); reload it with the "
             "recorded options."
         )
+
+
+# ---------------------------------------------------------------- checkpoints trained elsewhere
+def plain_checkpoint(path: str | Path, bundle: DatasetBundle, model: str, *,
+                     head: str | None = None,
+                     model_kwargs: Mapping[str, Any] | None = None) -> Checkpoint:
+    """A state dict without SCAR metadata (``torch.save(model.state_dict(), path)``, loaded with
+    ``weights_only=True``, or a bare safetensors file) as architecture ``model`` for the data of
+    ``bundle``: the class count, input size and normalisation come from the dataset, the head is
+    found (or named) and checked with one forward pass."""
+    from scar.checkpoint import load_checkpoint
+    from scar.models.adapter import FeatureModel
+    from scar.models.base import ModelSpec
+
+    info = bundle.info
+    spec = ModelSpec(model, info.num_classes, info.input_spec.channels, info.input_spec.size,
+                     head=head, kwargs=dict(model_kwargs or {}))
+    ck = load_checkpoint(path, model_spec=spec, input_spec=info.input_spec,
+                         expect_num_classes=info.num_classes)
+    example = torch.zeros(2, spec.channels, spec.size, spec.size)
+    FeatureModel(ck.model, head=head, example=example)  # HeadNotFoundError names the candidates
+    ck.meta.update(role="original", dataset=info.name, dataset_options=dict(bundle.options),
+                   source="plain state dict")
+    log.info("loaded %s as %s for %s (%d classes, %dx%d px, normalisation mean %s std %s: the "
+             "dataset's)", path, model, info.name, info.num_classes, spec.size, spec.size,
+             info.input_spec.mean, info.input_spec.std)
+    return ck
+
+
+def given_checkpoint(path: str | Path, bundle: DatasetBundle, model: str, *,
+                     head: str | None = None,
+                     model_kwargs: Mapping[str, Any] | None = None) -> Checkpoint:
+    """An original the user gives for ``bundle``'s data as architecture ``model``: a SCAR
+    checkpoint (which must record that model) or a plain state dict of it."""
+    from scar.checkpoint import check_file, has_metadata, load_checkpoint
+
+    if not has_metadata(check_file(path)):
+        return plain_checkpoint(path, bundle, model, head=head, model_kwargs=model_kwargs)
+    ck = load_checkpoint(path)
+    check_model_name(ck, model)
+    check_dataset_matches(ck, bundle)
+    return ck
+
+
+def check_model_name(ck: Checkpoint, model: str | None) -> None:
+    if model is not None and model != ck.model_spec.name:
+        raise ConfigError(
+            f"model {model!r} was named for checkpoint {ck.path}, which records model "
+            f"{ck.model_spec.name!r}; name that one (or none: a model name is only needed for "
+            "plain state dicts)."
+        )
+
+
+def open_checkpoint(path: str | Path, *, model: str | None = None, head: str | None = None,
+                    dataset: str | None = None,
+                    options: Callable[[str], Mapping[str, Any] | None] | None = None,
+                    data_dir: str | Path | None = None, download: bool = False
+                    ) -> tuple[Checkpoint, DatasetBundle]:
+    """A checkpoint and its data: a SCAR checkpoint with its recorded dataset (``dataset``
+    overrides it), or a plain state dict, which needs ``model`` and ``dataset`` (the error names
+    the missing flag). ``options(dataset name)`` gives loader options set over the recorded
+    ones (the CLI coerces its strings per dataset)."""
+    from scar.checkpoint import check_file, has_metadata, load_checkpoint, read_state
+
+    path = check_file(path)
+    options = options or (lambda name: None)
+    if has_metadata(path):
+        ck = load_checkpoint(path)
+        check_model_name(ck, model)
+        return ck, load_dataset_for(ck, dataset, options(dataset or ck.dataset),
+                                    data_dir=data_dir, download=download)
+    read_state(path)  # an unsafe or corrupt file is refused before anything else
+    missing = [flag for flag, value in (("--model NAME (the architecture, e.g. tv:resnet18; "
+                                         "`scar list models`)", model),
+                                        ("--dataset NAME (the data it was trained on; `scar "
+                                         "list datasets`)", dataset)) if value is None]
+    if missing:
+        raise CheckpointError(
+            f"{path} is a plain state dict without SCAR metadata (no sidecar "
+            f"{path.with_suffix('.json').name}, none embedded), so its architecture and data "
+            f"are unknown: give {' and '.join(missing)}; --head NAME if the classifier head "
+            "cannot be found automatically."
+        )
+    bundle = load_dataset(dataset, data_dir=data_dir, download=download,
+                          **dict(options(dataset) or {}))
+    return plain_checkpoint(path, bundle, model, head=head), bundle
