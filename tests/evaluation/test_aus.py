@@ -107,6 +107,13 @@ def test_aus_on_means_vs_per_run_by_hand():
     assert std == pytest.approx(abs(0.98 - 0.94 / 1.1) / math.sqrt(2))
     assert mean != pytest.approx(on_means.nominal_value)  # the two aggregations differ
     assert AUS_ON_MEANS_LABEL != AUS_PER_RUN_LABEL
+    # The reference's error bar: the same AUS with the stds (ddof=1) propagated, not the SEMs:
+    # std a_t = 0.02 * sqrt(2), std a_f = 0.05 * sqrt(2), so the bar is sqrt(2) times wider.
+    ref = aus_on_means(ROWS, "CR", spread="std")
+    assert ref.nominal_value == pytest.approx(on_means.nominal_value)
+    assert ref.std_dev == pytest.approx(math.sqrt(2) * expected_sd)
+    with pytest.raises(ConfigError, match="spread"):
+        aus_on_means(ROWS, "CR", spread="var")
 
 
 def test_aggregations_single_run_and_bad_rows():

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from scar.errors import ScarError
-from scar.evaluation.aus import AUS_ON_MEANS_LABEL, AUS_PER_RUN_LABEL, aus_cr, mean_with_sem
+from scar.evaluation.aus import (
+    AUS_ON_MEANS_LABEL,
+    AUS_ON_MEANS_STD_LABEL,
+    AUS_PER_RUN_LABEL,
+    aus_cr,
+    mean_with_sem,
+)
 from scar.experiments import plots
 from scar.experiments.report import (
     format_markdown_table,
@@ -132,15 +138,20 @@ def test_table_numbers_by_hand(run_dir):
         mean_with_sem([0.90, 0.92]), mean_with_sem([0.85, 0.87]), mean_with_sem([0.02, 0.04])
     )
     assert scar.aus_on_means.std == pytest.approx(expected.std_dev)
+    # The reference's bar: the stds propagated (two runs: sqrt(2) times the SEMs).
+    assert scar.aus_on_means_std.mean == pytest.approx(0.95 / 1.03)
+    assert scar.aus_on_means_std.std == pytest.approx(2 ** 0.5 * expected.std_dev)
     table = format_markdown_table(groups)
     assert AUS_ON_MEANS_LABEL in table and AUS_PER_RUN_LABEL in table
+    assert AUS_ON_MEANS_STD_LABEL in table
     scar_line = next(line for line in table.splitlines() if line.startswith("| scar "))
     cells = [c.strip() for c in scar_line.strip("|").split("|")]
-    # method, retain-free, n, retain-test, forget-test, train-forget, MIA acc, AUC, AUS×2, time
+    # method, retain-free, n, retain-test, forget-test, train-forget, MIA acc, AUC, AUS×3, time
     assert cells[:6] == ["scar", "yes", "2", "86.00 ± 1.41", "3.00 ± 1.41", "4.00 ± 1.41"]
     assert cells[7] == "0.560 ± 0.014"
-    assert cells[8].startswith("0.922 ± ") and cells[9] == "0.920 ± 0.028"
-    assert cells[10] == "3.00 ± 1.41"
+    assert cells[8].startswith("0.922 ± ") and cells[9].startswith("0.922 ± ")
+    assert cells[10] == "0.920 ± 0.028"
+    assert cells[11] == "3.00 ± 1.41"
     retain_free = {g.method: g.retain_free for g in groups}
     assert retain_free == {"original": "—", "retrain": "no", "scar": "yes"}
 

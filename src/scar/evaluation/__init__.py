@@ -5,6 +5,7 @@ All accuracies are fractions in [0, 1]; reports print them as percentages.
 
 from scar.evaluation.aus import (
     AUS_ON_MEANS_LABEL,
+    AUS_ON_MEANS_STD_LABEL,
     AUS_PER_RUN_LABEL,
     aus,
     aus_cr,
@@ -25,6 +26,7 @@ from scar.evaluation.outputs import Outputs, compute_outputs, evaluate_splits
 
 __all__ = [
     "AUS_ON_MEANS_LABEL",
+    "AUS_ON_MEANS_STD_LABEL",
     "AUS_PER_RUN_LABEL",
     "SPLITS",
     "MIAResult",

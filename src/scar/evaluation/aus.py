@@ -12,8 +12,10 @@ to first order (correlations such as A_t appearing twice in HR are tracked by th
 
 Two aggregations over runs are reported, labelled:
 
-- :data:`AUS_ON_MEANS_LABEL` — the reference way: average each accuracy over runs, attach its
-  standard error, and compute AUS once from the means (:func:`aus_on_means`).
+- :data:`AUS_ON_MEANS_LABEL` — average each accuracy over runs, attach its standard error, and
+  compute AUS once from the means (:func:`aus_on_means`);
+- :data:`AUS_ON_MEANS_STD_LABEL` — the same AUS with the sample standard deviation propagated
+  instead of the standard error: the reference code's error bar (spec scar-method.md §10);
 - :data:`AUS_PER_RUN_LABEL` — AUS of every run, then mean ± sample std (:func:`aus_per_run`).
 """
 
@@ -26,12 +28,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from uncertainties import UFloat, nominal_value, ufloat
 
-from scar.errors import ConfigError
+from scar.errors import ConfigError, check_choice
 
 Number = float | UFloat
 
 AUS_ON_MEANS_LABEL = "AUS (on means, propagated SE)"
+AUS_ON_MEANS_STD_LABEL = "AUS (on means, propagated std)"
 AUS_PER_RUN_LABEL = "AUS (per-run mean ± std)"
+#: What each mean carries into AUS on means: its standard error, or the sample std (reference).
+SPREADS = ("sem", "std")
 ROW_KEYS: tuple[str, ...] = ("a_or", "a_t", "a_f")
 
 
@@ -72,8 +77,10 @@ def aus(scenario: str, a_or: Number, a_t: Number, a_f: Number) -> Number:
     return _aus_function(scenario)(a_or, a_t, a_f)
 
 
-def mean_with_sem(values: Iterable[float]) -> UFloat:
-    """Mean ± standard error of the mean (sample std with ddof=1 over √n; 0 for a single value)."""
+def mean_with_sem(values: Iterable[float], spread: str = "sem") -> UFloat:
+    """Mean ± standard error of the mean (sample std with ddof=1 over √n; 0 for a single value);
+    ± the sample std itself with ``spread="std"``."""
+    check_choice("spread", spread, SPREADS)
     arr = np.asarray(list(values), dtype=np.float64)
     if arr.ndim != 1 or arr.size == 0:
         raise ConfigError(
@@ -81,7 +88,8 @@ def mean_with_sem(values: Iterable[float]) -> UFloat:
         )
     if not np.all(np.isfinite(arr)):
         raise ConfigError(f"mean_with_sem needs finite values; got {arr.tolist()}.")
-    sem = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
+    std = float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    sem = std / math.sqrt(arr.size) if spread == "sem" else std
     with warnings.catch_warnings():
         # A zero SEM is legitimate here (one run, or A_or from one shared original model);
         # uncertainties warns about it on creation, which would only be noise in every report.
@@ -102,15 +110,18 @@ def _columns(rows: Sequence[Mapping[str, float]]) -> dict[str, list[float]]:
     return {k: [float(row[k]) for row in rows] for k in ROW_KEYS}
 
 
-def aus_on_means(rows: Sequence[Mapping[str, float]], scenario: str) -> UFloat:
-    """AUS from the per-column means, with standard errors propagated (the reference's number).
+def aus_on_means(rows: Sequence[Mapping[str, float]], scenario: str, spread: str = "sem"
+                 ) -> UFloat:
+    """AUS from the per-column means (the reference's number), with their standard errors
+    propagated, or their sample stds with ``spread="std"`` (the reference's error bar).
 
-    Each of A_or, A_t, A_f is averaged over runs and given its SEM; the three means are treated as
-    independent (as in the reference), so the result's σ ignores their correlation across runs.
+    Each of A_or, A_t, A_f is averaged over runs and given its SEM (or std); the three means are
+    treated as independent (as in the reference), so the result's σ ignores their correlation
+    across runs.
     """
     fn = _aus_function(scenario)
     cols = _columns(rows)
-    return fn(*(mean_with_sem(cols[k]) for k in ROW_KEYS))
+    return fn(*(mean_with_sem(cols[k], spread) for k in ROW_KEYS))
 
 
 def aus_per_run(rows: Sequence[Mapping[str, float]], scenario: str) -> tuple[float, float]:

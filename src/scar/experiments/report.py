@@ -33,7 +33,12 @@ from typing import Any
 
 from scar.errors import MissingDataError, ScarError
 from scar.evaluation.audit import AUS_KEYS
-from scar.evaluation.aus import AUS_ON_MEANS_LABEL, AUS_PER_RUN_LABEL, aus_on_means
+from scar.evaluation.aus import (
+    AUS_ON_MEANS_LABEL,
+    AUS_ON_MEANS_STD_LABEL,
+    AUS_PER_RUN_LABEL,
+    aus_on_means,
+)
 from scar.evaluation.mia import MIAResult, attack_separates
 from scar.experiments.store import RESULTS_FILE, parse_rows_counted
 from scar.utils import atomic_write_text
@@ -76,6 +81,7 @@ class Column:
 
 
 _AUS_MEANS = "__aus_on_means"
+_AUS_MEANS_STD = "__aus_on_means_std"
 _AUS_RUNS = "__aus_per_run"
 _RETAIN_FREE = "__retain_free"
 _N = "__n"
@@ -88,6 +94,7 @@ _TAIL_COLUMNS: tuple[Column, ...] = (
     Column("MIA acc", "mia/acc", "score"),
     Column("MIA AUC", "mia/auc", "score"),
     Column(AUS_ON_MEANS_LABEL, _AUS_MEANS, "score"),
+    Column(AUS_ON_MEANS_STD_LABEL, _AUS_MEANS_STD, "score"),
     Column(AUS_PER_RUN_LABEL, _AUS_RUNS, "score"),
     Column("time (s)", "time/unlearn_s", "time"),
 )
@@ -130,6 +137,7 @@ class GroupSummary:
     forget_ids: tuple[str, ...]
     stats: dict[str, Stat] = field(default_factory=dict)
     aus_on_means: Stat | None = None  # std = propagated standard error
+    aus_on_means_std: Stat | None = None  # std = propagated sample std (the reference's bar)
     aus_per_run: Stat | None = None
     retain_free: str = DASH
     access_profile: str | None = None
@@ -302,7 +310,8 @@ def aus_inputs(
 
 def _aus_on_means(
     runs: Sequence[Mapping[str, Any]], originals: Mapping[tuple, Any], scenario: str, label: str
-) -> Stat | None:
+) -> tuple[Stat | None, Stat | None]:
+    """AUS on means with the propagated standard error, and with the propagated std."""
     inputs = [aus_inputs(r, originals) for r in runs]
     usable = [x for x in inputs if x is not None]
     if len(usable) < len(inputs):
@@ -316,9 +325,10 @@ def _aus_on_means(
             len(usable),
         )
     if not usable:
-        return None
-    value = aus_on_means(usable, scenario)
-    return Stat(float(value.nominal_value), float(value.std_dev), len(usable))
+        return None, None
+    return tuple(  # type: ignore[return-value]
+        Stat(float(v.nominal_value), float(v.std_dev), len(usable))
+        for v in (aus_on_means(usable, scenario, spread) for spread in ("sem", "std")))
 
 
 # ---------------------------------------------------------------- access / devices
@@ -376,6 +386,7 @@ def _summarize_group(
     runs = sorted(runs, key=_row_sort_key)
     stats = _metric_stats(runs)
     method = str(runs[0].get("method"))
+    on_means, on_means_std = _aus_on_means(runs, originals, key[2], label)
     return GroupSummary(
         dataset=key[0],
         model=key[1],
@@ -384,7 +395,8 @@ def _summarize_group(
         n=len(runs),
         forget_ids=tuple(sorted({str(r.get("forget_id")) for r in runs}, key=natural_key)),
         stats=stats,
-        aus_on_means=_aus_on_means(runs, originals, key[2], label),
+        aus_on_means=on_means,
+        aus_on_means_std=on_means_std,
         aus_per_run=stats.get("aus"),
         retain_free=retain_free(runs, method),
         access_profile=_first_profile(runs),
@@ -436,6 +448,8 @@ def cell(group: GroupSummary, column: Column) -> str:
         return str(group.n)
     if column.key == _AUS_MEANS:
         return format_stat(group.aus_on_means, column.kind)
+    if column.key == _AUS_MEANS_STD:
+        return format_stat(group.aus_on_means_std, column.kind)
     if column.key == _AUS_RUNS:
         return format_stat(group.aus_per_run, column.kind)
     return format_stat(group.stats.get(column.key), column.kind)
@@ -632,6 +646,7 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
         "retain_free",
         "aus_on_means",
         "aus_on_means_se",
+        "aus_on_means_std",
         "aus_per_run_mean",
         "aus_per_run_std",
     ]
@@ -653,6 +668,9 @@ def format_csv(groups: Sequence[GroupSummary]) -> str:
         ]
         for stat in (g.aus_on_means, g.aus_per_run):
             line += [_num(stat.mean if stat else None), _num(stat.std if stat else None)]
+            if stat is g.aus_on_means:
+                std = g.aus_on_means_std
+                line.append(_num(std.std if std else None))
         for k in keys:
             stat = g.stats.get(k)
             line += [_num(stat.mean if stat else None), _num(stat.std if stat else None)]
@@ -742,6 +760,8 @@ def format_markdown(
         + (f"; {skipped_lines} unreadable line(s) skipped." if skipped_lines else "."),
         f"{AUS_ON_MEANS_LABEL}: AUS of the across-run mean accuracies (A_or from the "
         f"original model of each forget request), ± propagated standard error. "
+        f"{AUS_ON_MEANS_STD_LABEL}: the same AUS ± the propagated sample std of the runs "
+        "(the reference code's error bar). "
         f"{AUS_PER_RUN_LABEL}: each run's AUS, then mean ± sample std.",
         "",
     ]
