@@ -279,3 +279,16 @@ def test_two_concurrent_unlearns_to_one_out_leave_one_consistent_checkpoint(trai
         embedded = json.loads(fh.metadata()["scar_meta"])
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar == embedded and sidecar["method"] in ("negative_gradient", "random_labels")
+
+
+def test_train_with_the_reference_preset_uses_the_paper_recipe(tmp_path, capsys):
+    out = tmp_path / "ref.safetensors"
+    assert main(["-q", "train", "--dataset", "synthetic", "--preset", "reference", "--epochs",
+                 "1", "--set", "lr=0.05", "--out", str(out)]) == 0
+    assert "(training recipe of preset reference)" in capsys.readouterr().out
+    recipe = json.loads(out.with_suffix(".json").read_text())["recipe"]
+    # The paper code's recipe (protocol.md); --epochs and --set win over it.
+    assert (recipe["epochs"], recipe["lr"]) == (1, 0.05)
+    assert (recipe["batch_size"], recipe["weight_decay"], recipe["label_smoothing"],
+            recipe["schedule"], recipe["crop_padding"], recipe["hflip"]) == \
+        (256, 5e-5, 0.4, "cosine", 4, True)

@@ -147,6 +147,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     forget = forget_spec_from_args(args)
     overrides = parse_sets(args.set)
+    if args.preset:
+        from scar.methods.presets import PRESETS
+
+        overrides = {**PRESETS.get(args.preset).recipe_values(args.dataset), **overrides}
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     options = parse_dataset_options(args.dataset, args.dataset_option)
@@ -161,7 +165,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     acc = ck.meta.get("test_acc")
     split = ck.meta.get("test_acc_split", "test")
     print(f"{job.role} checkpoint: {path}")
-    print(f"model {ck.model_spec.name} on {args.dataset}: {split} accuracy "
+    recipe = f" (training recipe of preset {args.preset})" if args.preset else ""
+    print(f"model {ck.model_spec.name}{recipe} on {args.dataset}: {split} accuracy "
           f"{100 * acc:.2f}% after {ck.meta['train_seconds']:.1f}s on {ck.meta['device_name']}")
     return 0
 
@@ -417,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a recipe field (lr, batch_size, schedule, ...); repeatable")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a named training recipe (see `scar list presets`), e.g. reference: "
+                        "the paper code's; --set and --epochs override it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="checkpoint path (.safetensors)")
     add_device_args(p)

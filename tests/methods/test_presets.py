@@ -133,3 +133,16 @@ def test_describe_lists_every_method_and_dataset_value():
     assert "scar: " in text and "surrogate_steps=6" in text
     assert "scar on tinyimagenet: hr_gate=0.4, surrogate_steps=91" in text
     assert "duck on tinyimagenet: label_smoothing=0.2" in text
+
+
+def test_reference_training_recipe_is_the_paper_codes():
+    ref = PRESETS.get("reference")
+    recipe = ref.recipe_values("fashion-mnist")
+    assert (recipe["epochs"], recipe["batch_size"], recipe["lr"], recipe["weight_decay"],
+            recipe["label_smoothing"], recipe["schedule"], recipe["crop_padding"],
+            recipe["hflip"]) == (50, 256, 0.1, 5e-5, 0.4, "cosine", 4, True)
+    assert "model" not in recipe  # the architecture is the user's (--model)
+    assert ref.recipe_values("tinyimagenet")["crop_padding"] == 8
+    assert "training recipe (scar train): " in "\n".join(describe(ref))
+    with pytest.raises(ConfigError, match="no training recipe; presets with one: reference"):
+        Preset("fake", "", {"scar": {}}).recipe_values()

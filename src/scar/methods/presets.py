@@ -10,9 +10,12 @@ A few reference values depend on the dataset (the reference code picks them by d
 method's values when that dataset is named. An image folder holding the same images is not
 recognised as that dataset; set such values explicitly there.
 
+A preset may also hold a training recipe (``recipe``, with ``recipe_by_dataset`` on top) that
+``scar train --preset`` applies to the original and oracle models.
+
 The ``reference`` preset holds the settings of the authors' code, spec ``scar-method.md`` §7, §8
-and §10. It matches what the current methods *can* express; the README (Presets) lists the
-reference behaviours no hyperparameter reproduces yet.
+and §10, and its training recipe (protocol.md). The README (Presets) lists the reference
+behaviours it does not reproduce.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from scar.errors import ConfigError
 from scar.registry import Registry
+from scar.training.recipes import PAPER_CROP_64PX, PAPER_RECIPE
 
 Values = Mapping[str, Any]
 
@@ -37,6 +41,19 @@ class Preset:
     summary: str
     methods: Mapping[str, Values]
     by_dataset: Mapping[str, Mapping[str, Values]] = field(default_factory=dict)
+    recipe: Values = field(default_factory=dict)  # training recipe fields (scar train)
+    recipe_by_dataset: Mapping[str, Values] = field(default_factory=dict)
+
+    def recipe_values(self, dataset: str | None = None) -> dict[str, Any]:
+        """The preset's training-recipe fields (on ``dataset``, when given); ConfigError when
+        the preset has none."""
+        if not self.recipe:
+            with_recipe = [n for n in PRESETS.names() if PRESETS.get(n).recipe]
+            raise ConfigError(
+                f"preset {self.name!r} has no training recipe; presets with one: "
+                f"{', '.join(with_recipe) or '(none)'}."
+            )
+        return {**self.recipe, **self.recipe_by_dataset.get(dataset or "", {})}
 
     def values(self, method: str, dataset: str | None = None) -> dict[str, Any]:
         """The preset's values for ``method`` (on ``dataset``, when given); ConfigError when the
@@ -57,6 +74,10 @@ def describe(preset: Preset) -> list[str]:
     entries += [(f"{method} on {dataset}", values)
                 for dataset, methods in sorted(preset.by_dataset.items())
                 for method, values in sorted(methods.items())]
+    if preset.recipe:
+        entries.append(("training recipe (scar train)", preset.recipe))
+        entries += [(f"training recipe on {dataset}", values)
+                    for dataset, values in sorted(preset.recipe_by_dataset.items())]
     return [textwrap.fill(f"{what}: {_format(values)}", width=100, initial_indent="    ",
                           subsequent_indent="      ", break_on_hyphens=False)
             for what, values in entries]
@@ -174,4 +195,7 @@ register_preset(Preset(
             "duck": {"label_smoothing": 0.2},
         },
     },
+    # The reference's recipe for the original and oracle models, any architecture (--model).
+    recipe={k: v for k, v in PAPER_RECIPE.to_dict().items() if k != "model"},
+    recipe_by_dataset={"tinyimagenet": {"crop_padding": PAPER_CROP_64PX}},
 ))

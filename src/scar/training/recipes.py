@@ -91,13 +91,16 @@ def coerce(key: str, value: Any, like: Any) -> Any:
 RECIPES: Registry[Recipe] = Registry("training recipe")
 
 # Reference recipe of the SCAR paper's code for CIFAR/TinyImageNet: SGD 0.1, wd 5e-5, cosine,
-# 50 epochs, batch 256, label smoothing 0.4, random crop + flip.
-_PAPER = Recipe(epochs=50, batch_size=256, lr=0.1, weight_decay=5e-5, label_smoothing=0.4,
-                crop_padding=4, hflip=True, model="resnet18")
-RECIPES.register("cifar10", "paper recipe, ResNet-18")(_PAPER)
-RECIPES.register("cifar100", "paper recipe, ResNet-18")(_PAPER)
-RECIPES.register("tinyimagenet", "paper recipe, ResNet-18, 64 px")(replace(_PAPER, crop_padding=8))
-RECIPES.register("imagefolder", "paper recipe for your own images")(_PAPER)
+# 50 epochs, batch 256, label smoothing 0.4, random crop + flip (crop padding 8 at 64 px).
+# ``scar train --preset reference`` applies it to any dataset (methods/presets.py).
+PAPER_RECIPE = Recipe(epochs=50, batch_size=256, lr=0.1, weight_decay=5e-5, label_smoothing=0.4,
+                      crop_padding=4, hflip=True, model="resnet18")
+PAPER_CROP_64PX = 8
+RECIPES.register("cifar10", "paper recipe, ResNet-18")(PAPER_RECIPE)
+RECIPES.register("cifar100", "paper recipe, ResNet-18")(PAPER_RECIPE)
+RECIPES.register("tinyimagenet", "paper recipe, ResNet-18, 64 px")(
+    replace(PAPER_RECIPE, crop_padding=PAPER_CROP_64PX))
+RECIPES.register("imagefolder", "paper recipe for your own images")(PAPER_RECIPE)
 # Fashion-MNIST / MNIST on 2 CPU cores: the compact `fastcnn`, one-cycle SGD, a few epochs.
 # Mild label smoothing (0.1) keeps the softmax informative for the membership-inference attack;
 # no horizontal flip for digits, small crops only.
