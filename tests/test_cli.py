@@ -136,6 +136,25 @@ def test_unlearn_with_a_preset_records_it_and_set_overrides_it(trained, tmp_path
     assert (hp["epochs"], hp["batch_size"]) == (2, 64)  # --set wins
 
 
+@pytest.mark.parametrize("method", ["scar", "scar_self_forget", "negative_gradient",
+                                    "random_labels", "finetune", "duck"])
+def test_every_reference_method_runs_with_the_preset(method, trained, tmp_path, capsys):
+    """`scar unlearn --preset reference` runs each method of the reference repository (small
+    batches and one epoch, so that it takes seconds; the rest is the preset's)."""
+    out = tmp_path / f"{method}.safetensors"
+    rc = main(["-q", "unlearn", "--checkpoint", str(trained), "--forget-class", "1",
+               "--method", method, "--preset", "reference", "--surrogate", "gaussian-noise",
+               "--surrogate-n", "256", "--set", "epochs=1", "--set", "batch_size=64",
+               "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert f"{method} (preset reference) on" in text
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["preset"] == "reference"
+    if method == "scar_self_forget":  # the reference's stop reads the real forget set
+        assert "not forget-free" in meta["access"]["profile"]
+
+
 @pytest.mark.parametrize(("method", "preset", "words"), [
     ("scar", "refrence", ["Unknown preset 'refrence'", "Did you mean 'reference'"]),
     ("retrain", "reference", ["no settings for method 'retrain'", "covers", "scar"]),
