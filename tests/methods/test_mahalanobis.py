@@ -115,6 +115,9 @@ def test_shrink_twice_hand_computed():
     # precision_matrices(shrink_times=2) is pinv(corr(shrink(shrink(S)))).
     p = precision_matrices(s[None], 3, 3, shrink_times=2)[0]
     assert torch.allclose(p, torch.linalg.inv(correlation_normalize(twice)))
+    # Self-forget in the reference shrinks once (the preset's shrink_times=1).
+    p = precision_matrices(s[None], 3, 3, shrink_times=1)[0]
+    assert torch.allclose(p, torch.linalg.inv(correlation_normalize(once)))
 
 
 def test_shrink_batched_and_no_offdiagonal():
