@@ -20,6 +20,10 @@ FAST: dict[str, dict] = {
     "random_labels": {"epochs": 2, "batch_size": 64},
     "duck": {"epochs": 2, "batch_size": 64},
     "retrain": {"epochs": 1, "batch_size": 64},
+    "boundary_shrink": {"epochs": 2, "batch_size": 64, "lr": 1e-3},
+    "boundary_expand": {"epochs": 2, "batch_size": 64, "lr": 1e-3},
+    "jit": {"batch_size": 64, "n_samples": 3},
+    "ssd": {"batch_size": 128, "alpha": 2.0},
 }
 #: A hyperparameter value each method must refuse.
 BAD: dict[str, tuple[str, object]] = {}
@@ -82,6 +86,21 @@ def test_does_not_mutate_input_and_is_deterministic(name, tiny_model, synth, cr_
     changed = any(not torch.equal(outs[0][k], before[k]) for k in before
                   if before[k].is_floating_point())
     assert changed, "the method returned the model unchanged"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_reads_no_image_it_does_not_declare(name, tiny_model, synth, cr_splits, surrogate, stats):
+    """The data-access profile is a claim: every image source outside ``uses()`` explodes when
+    read (a method that says retain-free must load no retain image)."""
+    method = build_method(name, **fast(name))
+    uses = method.uses()
+    given = {kind: exploding(images) if kind not in uses else images for kind, images in (
+        ("forget", cr_splits.train_forget), ("retain", cr_splits.train_retain),
+        ("surrogate", surrogate))}
+    method.unlearn(tiny_model, make_data(synth, cr_splits, stats=stats, **given))
+    touched = {k for k, v in method.access_.items() if v}
+    assert touched <= uses
+    assert ("retain-free: yes" in access_profile(method)) == ("retain" not in uses)
 
 
 @pytest.mark.parametrize("name", METHODS.names())

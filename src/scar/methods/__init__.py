@@ -20,6 +20,7 @@ METHOD_MODULES = (
     "random_labels",
     "duck",
     "retrain",
+    "boundary_shrink",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
