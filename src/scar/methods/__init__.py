@@ -21,6 +21,7 @@ METHOD_MODULES = (
     "duck",
     "retrain",
     "boundary_shrink",
+    "boundary_expand",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
