@@ -22,6 +22,7 @@ METHOD_MODULES = (
     "retrain",
     "boundary_shrink",
     "boundary_expand",
+    "jit",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
