@@ -23,6 +23,7 @@ METHOD_MODULES = (
     "boundary_shrink",
     "boundary_expand",
     "jit",
+    "ssd",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
