@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install SCAR for development on a fresh Debian/Ubuntu machine (used by the README and CI).
 #   - system data: Debian's dataset-fashion-mnist (the offline default dataset), when apt exists
-#   - Python: a virtual environment in .venv with torch, torchvision and the package (editable)
+#   - Python: a virtual environment in .venv with torch, torchvision and the package (editable, with the dev and ray extras)
 # Override the torch pins with TORCH_SPEC / TORCHVISION_SPEC if your platform needs others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,5 +18,6 @@ PY=${PYTHON:-python3}
 # pip's exit status survives the filter (pipefail); the filter only hides local-index notices.
 pipq() { .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }; }
 pipq "${TORCH_SPEC:-torch==2.14.1}" "${TORCHVISION_SPEC:-torchvision==0.29.1}"
-pipq -e ".[dev]"
+# The ray extra: `scar run --executor ray` and its tests (a binary wheel, ~10 s to install).
+pipq -e ".[dev,ray]"
 .venv/bin/python -c "import scar, torch, torchvision; print('scar', scar.__version__, 'torch', torch.__version__, 'torchvision', torchvision.__version__)"

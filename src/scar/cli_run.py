@@ -1,4 +1,5 @@
-"""``scar run GRID.yaml [--out RUN_DIR] [--dry-run] [--only key=value,...] [--device ...]``.
+"""``scar run GRID.yaml [--out RUN_DIR] [--dry-run] [--only key=value,...] [--device ...]
+[--executor local|ray [--address auto] [--cpus-per-task N] [--gpus-per-task N] [--retries N]]``.
 
 Registers itself with :mod:`scar.cli` on import (``EXTENSIONS`` for the parser, ``COMMANDS`` for
 the handler). Exit code 0 when every run succeeded, 1 when some failed (their rows say why),
@@ -27,6 +28,22 @@ def add_run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", action="append", metavar="KEY=VALUE[,KEY=VALUE...]",
                    help="run a subset, e.g. --only method=scar,seed=0 or --only class=3|5")
     p.add_argument("--device", default=None, help="override the grid's device (auto|cpu|cuda:N)")
+    ray = p.add_argument_group(
+        "distributed sweeps", "run each task (training, reference rows, method runs) as a Ray "
+        "task, the three phases overlapping; needs the ray extra (pip install "
+        "'scar-unlearn[ray]') and a run folder + data on a file system every node sees")
+    ray.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="local: in turn in this process (default); ray: on a Ray cluster")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join: auto (the one `ray start` runs here) or "
+                          "HOST:PORT; default: start a local one")
+    ray.add_argument("--cpus-per-task", type=float, default=None, metavar="N",
+                     help="CPUs each Ray task holds (default 1)")
+    ray.add_argument("--gpus-per-task", type=float, default=None, metavar="N",
+                     help="GPUs each Ray task holds (default 1 when the cluster has GPUs, else 0)")
+    ray.add_argument("--retries", type=int, default=None, metavar="N",
+                     help="times a task whose Ray worker died is retried before its runs are "
+                          "recorded as failed (default 2)")
 
 
 def parse_only(values: Sequence[str] | None) -> dict[str, str]:
@@ -39,6 +56,24 @@ def parse_only(values: Sequence[str] | None) -> dict[str, str]:
                 raise ConfigError(f"--only expects key=value pairs separated by ','; got {pair!r}.")
             out[key.strip()] = wanted.strip()
     return out
+
+
+RAY_FLAGS = ("address", "cpus_per_task", "gpus_per_task", "retries")
+
+
+def make_executor(args: argparse.Namespace):
+    """The executor the flags ask for (None: the runner's local default)."""
+    given = [f"--{f.replace('_', '-')}" for f in RAY_FLAGS if getattr(args, f, None) is not None]
+    if args.executor == "local":
+        if given:
+            raise ConfigError(f"{', '.join(given)} only apply with --executor ray.")
+        return None
+    from scar.experiments.executors import DEFAULT_RETRIES, RayExecutor
+
+    return RayExecutor(address=args.address,
+                       num_cpus=1.0 if args.cpus_per_task is None else args.cpus_per_task,
+                       num_gpus=args.gpus_per_task,
+                       retries=DEFAULT_RETRIES if args.retries is None else args.retries)
 
 
 def default_run_dir(grid_path: str | Path, name: str | None) -> Path:
@@ -79,7 +114,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         done = sum(s.run_id in finished for s in specs)
         print(f"{len(specs)} runs ({done} already finished in {run_dir}); nothing was run.")
         return 0
-    summary = run_grid(grid, run_dir, only=only, progress=not args.quiet)
+    executor = make_executor(args)
+    try:
+        if executor is not None:
+            executor.start()  # an unreachable cluster: an error before the run folder exists
+        summary = run_grid(grid, run_dir, executor=executor, only=only, progress=not args.quiet)
+    finally:
+        if executor is not None:
+            executor.close()
     print(f"{summary.total} runs: {summary.skipped} already finished, {summary.ok} ok, "
           f"{summary.failed} failed")
     print(f"results: {ResultsStore(run_dir).path}")

@@ -13,8 +13,8 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from scar.errors import OptionalDependencyError, ScarError
-from scar.experiments.executors import LocalExecutor, RayExecutor
+from scar.errors import ScarError
+from scar.experiments.executors import LocalExecutor
 from scar.experiments.grid import load_grid
 from scar.experiments.runner import CHECKPOINT_DIR, run_grid
 from scar.experiments.store import ROW_KEYS, ResultsStore
@@ -209,15 +209,6 @@ def test_cli_dry_run_and_exit_codes(base_run, tmp_path, capsys):
     assert main(["-q", "run", str(bad), "--out", str(tmp_path / "never")]) == 2
     assert "Did you mean 'classes'" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
-
-
-def test_ray_executor_without_ray_names_the_extra():
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is not None:  # pragma: no cover
-        pytest.skip("ray is installed; only the missing-package message is tested")
-    with pytest.raises(OptionalDependencyError, match=r"scar-unlearn\[ray\]"):
-        RayExecutor()
 
 
 def test_oracles_subset_trains_and_evaluates_only_those(base_run, tmp_path):

@@ -17,6 +17,7 @@ _EXPORTS = {
     "ResultsStore": "store",
     "RunSummary": "runner", "run_grid": "runner",
     "Executor": "executors", "LocalExecutor": "executors", "RayExecutor": "executors",
+    "PipelinedExecutor": "executors", "TaskLost": "executors",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

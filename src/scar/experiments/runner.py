@@ -1,7 +1,7 @@
 """Run a grid: cached original / oracle checkpoints, one task per method run, rows in a store.
 
-A sweep has three phases, each one ``executor.map`` over top-level task functions taking a frozen
-dataclass of plain values (so a distributed executor can ship them; see ``executors.py``):
+A sweep has three phases of top-level task functions, each taking a frozen dataclass of plain
+values (so a distributed executor can ship them; see ``executors.py``):
 
 1. :func:`train_checkpoint` — every original (key: dataset, options, model, training overrides,
    seed 0) and oracle (the same + the forget request) checkpoint that is missing from
@@ -15,6 +15,14 @@ dataclass of plain values (so a distributed executor can ship them; see ``execut
 3. :func:`run_method` — one unlearning call + its evaluation per method run; the metrics come
    from the same functions ``audit_models`` uses, with the request's A_or (evaluating the original
    and the oracle again for every method would only repeat phase 2).
+
+With a :class:`~scar.experiments.executors.Executor` (``map``; the local default) the phases run
+one after the other. With a :class:`~scar.experiments.executors.PipelinedExecutor` (Ray) they
+overlap (:func:`_run_pipelined`): a method run is submitted as soon as its original exists, and a
+reference evaluation as soon as its original and oracle exist; a method run submitted before its
+request's A_or is known returns its metrics without AUS, the driver adds it when the reference
+rows arrive (the same function on the same numbers) and only then stores the row. The rows and
+run ids are the same as with the local executor.
 
 Each finished run appends one row to ``run_dir/results.jsonl`` as soon as its result arrives. A
 rerun skips run ids that already have an "ok" row (failed ones are retried); when a request's
@@ -53,7 +61,7 @@ from scar.evaluation.audit import (
     original_reference,
     split_loaders,
 )
-from scar.experiments.executors import Executor, LocalExecutor
+from scar.experiments.executors import Executor, LocalExecutor, PipelinedExecutor, TaskLost
 from scar.experiments.grid import (
     REFERENCE_METHODS,
     TRAIN_SEED,
@@ -112,7 +120,7 @@ class ReferenceTask:
 class MethodTask:
     spec: RunSpec
     original: str
-    a_or: float
+    a_or: float | None  # None: not known yet; the driver adds the AUS (pipelined sweeps)
     settings: Settings
 
 
@@ -320,7 +328,8 @@ def run_method(task: MethodTask) -> dict[str, Any]:
         loaders = split_loaders(splits, ck.input_spec, device)
         metrics, _ = model_metrics(outcome.model.to(device), loaders, spec.scenario,
                                    mia=spec.mia, mia_variant=spec.mia_variant, seed=spec.seed)
-        add_aus(metrics, task.a_or, spec.scenario)
+        if task.a_or is not None:
+            add_aus(metrics, task.a_or, spec.scenario)
     except Exception as exc:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
         log_failure(spec, exc)
         return make_row(spec, error=exc, device=device)
@@ -440,17 +449,37 @@ def plan(pending: list[RunSpec], refs: dict[tuple, dict[str, RunSpec]],
     return requests
 
 
-def _run(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
-         executor: Executor) -> None:
-    # 1. checkpoints (each cached path once, whatever the number of requests sharing it)
+def _train_tasks(requests: dict[tuple, _Request], settings: Settings) -> dict[str, TrainTask]:
+    """The checkpoints the requests need, each cached path once (whatever the number of requests
+    sharing it); a checkpoint the grid gives is not trained."""
     train: dict[str, TrainTask] = {}
     for req in requests.values():
-        if req.specs[0].checkpoint is None:  # else the grid gives the original
+        if req.specs[0].checkpoint is None:
             train.setdefault(req.original, TrainTask(req.specs[0], "original", req.original,
                                                      settings))
         if req.oracle is not None:
             train.setdefault(req.oracle, TrainTask(req.specs[0], "oracle", req.oracle, settings))
-    todo = [t for t in train.values() if not checkpoint_exists(t.path)]
+    return train
+
+
+def _key(req: _Request) -> str:
+    return stable_hash(req.original + str(req.oracle) + req.specs[0].run_id)
+
+
+def _reference_task(key: str, req: _Request, settings: Settings) -> ReferenceTask:
+    return ReferenceTask(key, tuple(req.reference[m] for m in REFERENCE_METHODS
+                                    if m in req.reference), req.original, req.oracle, settings)
+
+
+def _method_tasks(req: _Request, sweep: _Sweep, settings: Settings) -> list[MethodTask]:
+    return [MethodTask(s, req.original, req.a_or, settings) for s in req.specs
+            if not s.is_reference and s.run_id in sweep.pending]
+
+
+def _run(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
+         executor: Executor) -> None:
+    # 1. checkpoints
+    todo = [t for t in _train_tasks(requests, settings).values() if not checkpoint_exists(t.path)]
     errors = {r["path"]: r["error"] for r in executor.map(train_checkpoint, todo) if r["error"]}
     live: dict[str, _Request] = {}
     for req in requests.values():
@@ -458,13 +487,10 @@ def _run(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
         if broken:
             sweep.fail_all(req.specs, broken[0])
         else:
-            live[stable_hash(req.original + str(req.oracle) + req.specs[0].run_id)] = req
+            live[_key(req)] = req
 
     # 2. reference rows, and A_or for the AUS of every method run of the request
-    ref_tasks = [ReferenceTask(key, tuple(req.reference[m] for m in REFERENCE_METHODS
-                                          if m in req.reference),
-                               req.original, req.oracle, settings)
-                 for key, req in live.items() if req.evaluate]
+    ref_tasks = [_reference_task(key, req, settings) for key, req in live.items() if req.evaluate]
     for result in executor.map(evaluate_reference, ref_tasks):
         req = live[result["key"]]
         for row in result["rows"]:
@@ -475,14 +501,107 @@ def _run(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
             req.a_or = result["a_or"]
 
     # 3. method runs
-    method_tasks = [MethodTask(s, req.original, req.a_or, settings)
-                    for req in live.values() if req.a_or is not None
-                    for s in req.specs if not s.is_reference and s.run_id in sweep.pending]
+    method_tasks = [t for req in live.values() if req.a_or is not None
+                    for t in _method_tasks(req, sweep, settings)]
     for row in executor.map(run_method, method_tasks):
         sweep.record(row)
 
 
-def run_grid(grid: Grid, run_dir: str | Path, *, executor: Executor | None = None,
+def lost_result(task: TrainTask | ReferenceTask | MethodTask, exc: TaskLost) -> Any:
+    """What the task function would have returned had it failed with ``exc`` (its worker died
+    on every try): the task's runs become failed rows."""
+    if isinstance(task, TrainTask):
+        return {"path": task.path, "error": f"{task.role} checkpoint: {describe(exc)}"}
+    if isinstance(task, ReferenceTask):
+        return {"key": task.key, "rows": [make_row(s, error=exc) for s in task.specs],
+                "a_or": None}
+    return make_row(task.spec, error=exc)
+
+
+def _run_pipelined(sweep: _Sweep, requests: dict[tuple, _Request], settings: Settings,
+                   executor: PipelinedExecutor) -> None:
+    """The three phases overlapping (see the module docstring): each task is submitted as soon as
+    the checkpoints it reads exist; the same rows as :func:`_run`."""
+    live = {_key(req): req for req in requests.values()}
+    train = _train_tasks(requests, settings)
+    ready = {p for p in train if checkpoint_exists(p)}
+    tickets: dict[int, tuple[str, Any]] = {}  # ticket -> (request key or None, task)
+    methods_sent: set[str] = set()
+    reference_sent: set[str] = set()
+    held: dict[str, list[dict[str, Any]]] = {}  # method rows waiting for their request's A_or
+    failed: set[str] = set()
+
+    def exists(path: str | None) -> bool:
+        return path is None or path not in train or path in ready
+
+    def advance(key: str) -> None:
+        req = live[key]
+        if key in failed or not exists(req.original):
+            return
+        if key not in methods_sent:
+            methods_sent.add(key)
+            for task in _method_tasks(req, sweep, settings):
+                tickets[executor.submit(run_method, task)] = (key, task)
+        if req.evaluate and key not in reference_sent and exists(req.oracle):
+            reference_sent.add(key)
+            task = _reference_task(key, req, settings)
+            tickets[executor.submit(evaluate_reference, task)] = (key, task)
+
+    def fail(key: str, error: str) -> None:
+        failed.add(key)
+        held.pop(key, None)
+        sweep.fail_all(live[key].specs, error)  # rows already stored are kept (record skips)
+
+    def store_method_row(req: _Request, row: dict[str, Any]) -> None:
+        if row["status"] == "ok" and "aus" not in row["metrics"]:
+            add_aus(row["metrics"], req.a_or, row["scenario"])
+        sweep.record(row)
+
+    for task in train.values():
+        if task.path not in ready:
+            tickets[executor.submit(train_checkpoint, task)] = (None, task)
+    for key in live:
+        advance(key)
+    try:
+        while executor.pending():
+            ticket, out = executor.next_done()
+            key, task = tickets.pop(ticket)
+            if isinstance(out, TaskLost):
+                out = lost_result(task, out)
+            if isinstance(task, TrainTask):
+                users = [k for k, r in live.items() if task.path in (r.original, r.oracle)]
+                if out["error"]:
+                    for k in users:
+                        if k not in failed:
+                            fail(k, out["error"])
+                else:
+                    ready.add(task.path)
+                    for k in users:
+                        advance(k)
+            elif key in failed:
+                continue  # its checkpoint or reference evaluation failed: rows already stored
+            elif isinstance(task, ReferenceTask):
+                req = live[key]
+                for row in out["rows"]:
+                    sweep.record(row)
+                if out["a_or"] is None:
+                    fail(key, "reference evaluation: " + out["rows"][0]["error"])
+                else:
+                    req.a_or = out["a_or"]
+                    for row in held.pop(key, []):
+                        store_method_row(req, row)
+            elif live[key].a_or is None:
+                held.setdefault(key, []).append(out)
+            else:
+                store_method_row(live[key], out)
+    finally:
+        if executor.pending():
+            executor.cancel_pending()
+    assert not held, f"method rows never stored: {sorted(held)}"
+
+
+def run_grid(grid: Grid, run_dir: str | Path, *,
+             executor: Executor | PipelinedExecutor | None = None,
              only: Mapping[str, Any] | None = None, progress: bool = True) -> RunSummary:
     """Run every pending run of ``grid`` into ``run_dir`` (see the module docstring)."""
     check_only(only)
@@ -500,12 +619,17 @@ def run_grid(grid: Grid, run_dir: str | Path, *, executor: Executor | None = Non
     pending = [s for s in specs if s.run_id not in finished]
     log.info("%d runs selected, %d already finished, %d to run", len(specs),
              len(specs) - len(pending), len(pending))
+    # Workers of a pipelined executor run many tasks at once: only the driver's bar (runs) shows.
     settings = Settings(run_dir=str(run_dir), data_dir=grid.data_dir, download=grid.download,
-                        device=grid.device, progress=progress)
+                        device=grid.device,
+                        progress=progress and not isinstance(executor, PipelinedExecutor))
     requests = plan(pending, reference_specs(every), stored, finished, str(run_dir))
     sweep = _Sweep(store, pending, progress)
     try:
-        _run(sweep, requests, settings, executor)
+        if isinstance(executor, PipelinedExecutor):
+            _run_pipelined(sweep, requests, settings, executor)
+        else:
+            _run(sweep, requests, settings, executor)
     finally:
         sweep.bar.close()
         clear_caches()
