@@ -149,14 +149,15 @@ class RayExecutor:
     # ------------------------------------------------------------ tasks
     def _remote_fn(self, fn: Callable) -> Any:
         if fn not in self._remote:
+            # Named after fn: the worker's process title is then ray::<fn> (ray::run_method).
             self._remote[fn] = self.ray.remote(
                 num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.retries,
-                retry_exceptions=False)(fn)
+                retry_exceptions=False)(_in_worker).options(name=getattr(fn, "__name__", "task"))
         return self._remote[fn]
 
     def submit(self, fn: Callable[[T], Any], task: T) -> int:
         self.start()
-        ref = self._remote_fn(fn).remote(task)
+        ref = self._remote_fn(fn).remote(fn, task, max(1, int(self.num_cpus)))
         self._tickets += 1
         self._refs[ref] = self._tickets
         return self._tickets
@@ -203,6 +204,15 @@ class RayExecutor:
         finally:
             if tickets:
                 self.cancel_pending()
+
+
+def _in_worker(fn: Callable[[T], R], task: T, threads: int) -> R:
+    """A task on a Ray worker: torch gets as many threads as the task holds CPUs (Ray sets
+    OMP_NUM_THREADS per task, but a reused worker's torch keeps the count it was imported with)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return fn(task)
 
 
 def _first_line(exc: BaseException) -> str:

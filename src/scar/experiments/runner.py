@@ -42,7 +42,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -619,10 +619,14 @@ def run_grid(grid: Grid, run_dir: str | Path, *,
     pending = [s for s in specs if s.run_id not in finished]
     log.info("%d runs selected, %d already finished, %d to run", len(specs),
              len(specs) - len(pending), len(pending))
-    # Workers of a pipelined executor run many tasks at once: only the driver's bar (runs) shows.
     settings = Settings(run_dir=str(run_dir), data_dir=grid.data_dir, download=grid.download,
-                        device=grid.device,
-                        progress=progress and not isinstance(executor, PipelinedExecutor))
+                        device=grid.device, progress=progress)
+    if isinstance(executor, PipelinedExecutor):
+        # Workers on other machines start elsewhere: absolute paths (on the shared file system);
+        # and they run many tasks at once: only the driver's bar (runs) shows.
+        settings = replace(settings, run_dir=str(run_dir.absolute()), progress=False,
+                           data_dir=None if grid.data_dir is None
+                           else str(Path(grid.data_dir).absolute()))
     requests = plan(pending, reference_specs(every), stored, finished, str(run_dir))
     sweep = _Sweep(store, pending, progress)
     try:
