@@ -2,9 +2,9 @@
 
 Trains (or reuses) the original model and the oracle for one removed class, runs SCAR, SCAR
 self-forget and every baseline of the reference code (the field's other methods, e.g.
-``boundary_shrink``, run with ``scar run`` / ``scar unlearn``), evaluates them all (accuracies, membership-inference attack, AUS,
-time) and writes the report with plots. It is an ordinary grid run, so a second call reuses the
-cached checkpoints and the finished rows.
+``boundary_shrink``, run with ``scar run`` / ``scar unlearn``), evaluates them all
+(accuracies, membership-inference attack, AUS, time) and writes the report with plots. It is an
+ordinary grid run, so a second call reuses the cached checkpoints and the finished rows.
 """
 
 from __future__ import annotations
