@@ -154,11 +154,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
     options = parse_dataset_options(args.dataset, args.dataset_option)
+    if args.pretrained is not None:
+        from scar.models.pretrained import check_request
+
+        check_request(args.model, args.pretrained)  # before the dataset is loaded
     job = TrainJob(dataset=args.dataset, dataset_options=options, model=args.model,
-                   forget=forget, recipe_overrides=overrides, seed=args.seed, head=args.head)
+                   forget=forget, recipe_overrides=overrides, seed=args.seed, head=args.head,
+                   pretrained=args.pretrained)
     out = Path(args.out) if args.out else Path("checkpoints") / default_name(job)
     weights = out if out.suffix == ".safetensors" else out.with_suffix(".safetensors")
-    check_output([weights, sidecar_path(weights), weights.with_suffix(".stats.safetensors")], [])
+    inputs = [Path(args.pretrained)] if isinstance(args.pretrained, str) else []
+    check_output([weights, sidecar_path(weights), weights.with_suffix(".stats.safetensors")],
+                 inputs)
     path = run_train_job(job, out, device=args.device, data_dir=args.data_dir,
                          download=args.download, amp=not args.no_amp, progress=not args.quiet)
     ck = load_checkpoint(path)
@@ -166,7 +173,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = ck.meta.get("test_acc_split", "test")
     print(f"{job.role} checkpoint: {path}")
     recipe = f" (training recipe of preset {args.preset})" if args.preset else ""
-    print(f"model {ck.model_spec.name}{recipe} on {args.dataset}: {split} accuracy "
+    origin = ck.meta.get("pretrained")
+    start = ""
+    if origin:
+        start = f", fine-tuned from pretrained weights ({origin.get('repo') or origin['file']})"
+    print(f"model {ck.model_spec.name}{recipe} on {args.dataset}{start}: {split} accuracy "
           f"{100 * acc:.2f}% after {ck.meta['train_seconds']:.1f}s on {ck.meta['device_name']}")
     return 0
 
@@ -183,7 +194,7 @@ def forget_tag(spec) -> str:
 
 def default_name(job) -> str:
     tag = "original" if job.forget is None else f"oracle-{forget_tag(job.forget)}"
-    model = job.model or "default"
+    model = (job.model or "default") + ("-pretrained" if job.pretrained else "")
     dataset = job.dataset.replace(":", "_").replace("/", "_")
     dataset += "".join(f"-{k}{v}" for k, v in sorted((job.dataset_options or {}).items()))
     return f"{dataset}_{model}_{tag}_s{job.seed}.safetensors"
@@ -418,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="architecture (see `scar list models`; default: the dataset recipe's)")
     p.add_argument("--head", default=None, help="name of the classifier head module (override)")
+    p.add_argument("--pretrained", nargs="?", const=True, default=None, metavar="FILE",
+                   help="fine-tune a timm:/tv: model from pretrained weights found locally: "
+                        "FILE (safetensors or a weights-only torch state dict), else the "
+                        "library's cache (Hugging Face / torch hub); nothing is downloaded "
+                        "without --download. The head is re-sized to the dataset's classes")
     add_forget_args(p)
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

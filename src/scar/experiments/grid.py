@@ -8,9 +8,11 @@ Format (every key but ``dataset``, ``scenario`` and the forget amount is optiona
                                #   fashion-mnist / mnist: channels: 3 for RGB-only models)
     model: fastcnn             # or a list; null → the dataset recipe's default architecture;
                                #   a list entry may be a mapping with its own settings (below)
-    model_kwargs: {}           # keyword options of the model builder (fastcnn: width, ...)
+    model_kwargs: {}           # keyword options of the model builder (fastcnn: width, ...);
+                               #   timm:/tv: models: pretrained: FILE (or true: the local
+                               #   timm / torch hub cache) fine-tunes from those weights
     data_dir: null             # where datasets live (else $SCAR_DATA_DIR, then system locations)
-    download: false            # allow downloading a missing dataset
+    download: false            # allow downloading a missing dataset (and pretrained weights)
     device: auto               # auto | cpu | cuda | cuda:N  (`scar run --device` overrides it)
     train: {epochs: 6}         # recipe overrides for the original and oracle models
     scenario: CR               # CR (class removal) | HR (random, "homogeneous" removal)
@@ -498,9 +500,19 @@ def validate_grid(grid: Grid) -> None:
             if grid.scenario == "CR" and isinstance(grid.oracles, tuple):
                 _check_oracle_classes(grid, dataset, entry.dataset_options)
     for entry in grid.models:
+        if "pretrained" in entry.model_kwargs:  # starting weights, not a builder kwarg
+            from scar.models.pretrained import check_request
+
+            try:
+                check_request(entry.name, entry.model_kwargs["pretrained"])
+            except ConfigError as exc:
+                raise ConfigError(f"grid key 'model_kwargs' (model {entry.label}): {exc}") \
+                    from exc
         if entry.name is not None:
             builder, _ = MODELS.resolve(entry.name)
-            _check_model_kwargs(entry.name, builder, entry.model_kwargs)
+            _check_model_kwargs(entry.name, builder, {k: v for k, v in
+                                                      entry.model_kwargs.items()
+                                                      if k != "pretrained"})
         try:
             Recipe().with_overrides(entry.train)  # unknown training options / bad types
         except ConfigError as exc:

@@ -241,6 +241,7 @@ def train_checkpoint(task: TrainTask) -> dict[str, Any]:
         # run_train_job writes the class statistics before the checkpoint creates the folder.
         Path(task.path).parent.mkdir(parents=True, exist_ok=True)
         run_train_job(job, task.path, bundle=cached_dataset(spec, settings),
+                      download=settings.download,  # pretrained weights, if asked for
                       device=settings.device, progress=settings.progress)
     except Exception as exc:  # noqa: BLE001 - recorded as failed rows by the driver
         log.error("training the %s checkpoint %s failed: %s", task.role, task.path,

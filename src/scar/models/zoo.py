@@ -338,11 +338,8 @@ def torchvision_model(name: str, num_classes: int, channels: int, size: int, **k
             "adapts the input channels), or load grey images as RGB (dataset option channels=3: "
             "`--dataset-option channels=3`, or `dataset_options: {channels: 3}` in a grid)."
         )
-    if kwargs.pop("weights", None) is not None:
-        raise ConfigError(
-            f"Model 'tv:{name}': pretrained weights are never downloaded; "
-            "load a checkpoint instead."
-        )
+    if kwargs.pop("weights", None) is not None or kwargs.pop("pretrained", None):
+        raise ConfigError(f"Model 'tv:{name}': {PRETRAINED_HINT}")
     if name in TV_AUX_LOGITS:  # training and unlearning use the main output only
         kwargs.setdefault("aux_logits", False)
         kwargs.setdefault("init_weights", True)
@@ -350,6 +347,14 @@ def torchvision_model(name: str, num_classes: int, channels: int, size: int, **k
         kwargs.setdefault("image_size", size)
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
+
+#: Why a model spec never asks for pretrained weights: a checkpoint rebuilds its architecture from
+#: the spec on every load; starting weights are a training option (scar.models.pretrained).
+PRETRAINED_HINT = (
+    "pretrained weights are a training option, not a model kwarg: `scar train --model NAME "
+    "--pretrained [FILE]` (grid: model_kwargs {pretrained: FILE or true}); they are never "
+    "downloaded unless --download is given."
+)
 
 #: torchvision models that return auxiliary classifier outputs in train mode by default.
 TV_AUX_LOGITS = ("googlenet", "inception_v3")
@@ -369,11 +374,18 @@ def timm_model(name: str, num_classes: int, channels: int, size: int, **kwargs) 
             "python -c \"import timm; print(timm.list_models('*pattern*'))\"."
         )
     if kwargs.pop("pretrained", False):
-        raise ConfigError(
-            f"Model 'timm:{name}': pretrained weights are never downloaded; "
-            "load a checkpoint instead."
-        )
-    common = {"pretrained": False, "num_classes": num_classes, "in_chans": channels, **kwargs}
+        raise ConfigError(f"Model 'timm:{name}': {PRETRAINED_HINT}")
+    return create_timm(name, num_classes, channels, size, pretrained=False, **kwargs)
+
+
+def create_timm(name: str, num_classes: int, channels: int, size: int, *, pretrained: bool,
+                **kwargs) -> nn.Module:
+    """``timm.create_model`` with ``img_size=size`` where the model takes it (ViTs and friends).
+    ``pretrained=True`` is for :mod:`scar.models.pretrained`, which passes the weights it found
+    locally as the source (timm then downloads nothing)."""
+    timm = optional_import("timm", "timm")
+    common = {"pretrained": pretrained, "num_classes": num_classes, "in_chans": channels,
+              **kwargs}
     if "img_size" not in kwargs:
         try:
             return timm.create_model(name, img_size=size, **common)

@@ -34,6 +34,10 @@ class TrainJob:
     seed: int = 0
     head: str | None = None
     model_kwargs: dict[str, Any] | None = None
+    #: Start from pretrained weights (timm:/tv: models): a weights file, or True for the
+    #: library's local cache (scar.models.pretrained); a grid gives it as model_kwargs
+    #: {pretrained: ...}. None: random initialisation.
+    pretrained: str | bool | None = None
 
     @property
     def role(self) -> str:
@@ -60,6 +64,7 @@ def run_train_job(
 
     A given ``bundle`` must have been loaded with the job's dataset options; the sidecar records
     the bundle's options, so every later reload of the checkpoint's data gets the same images.
+    ``download`` also allows downloading the pretrained weights a job asks for.
     """
     if bundle is None:
         bundle = load_dataset(job.dataset, data_dir=data_dir, download=download,
@@ -73,11 +78,22 @@ def run_train_job(
     recipe = resolve_recipe(bundle, job.recipe_overrides)
     dev = resolve_device(device)
     info = bundle.info
+    kwargs = dict(job.model_kwargs or {})
+    # Starting weights are not part of the architecture: the checkpoint's spec must rebuild the
+    # model on load without them (its metadata records where they came from instead).
+    from_kwargs = kwargs.pop("pretrained", None)
+    pretrained = from_kwargs if job.pretrained is None else job.pretrained
     spec = ModelSpec(name=job.model or recipe.model, num_classes=info.num_classes,
                      channels=info.input_spec.channels, size=info.input_spec.size, head=job.head,
-                     kwargs=dict(job.model_kwargs or {}))
+                     kwargs=kwargs)
     seed_everything(job.seed)
-    model = build_model(spec)
+    origin = None
+    if pretrained is None or pretrained is False:
+        model = build_model(spec)
+    else:
+        from scar.models.pretrained import build_pretrained
+
+        model, origin = build_pretrained(spec, pretrained, download=download)
     # Before any training: the input size and the head (found, and checked to produce the
     # logits) must work, or the hour of training is lost to a late error.
     # (fork_rng: the checks leave the random state of the training as it was.)
@@ -100,6 +116,7 @@ def run_train_job(
         "forget": job.forget.to_dict() if job.forget else None,
         "recipe": recipe.to_dict(),
         "seed": job.seed,
+        "pretrained": origin,  # None: trained from a random initialisation
         "test_acc": result.test_acc,
         "test_acc_split": "test" if job.forget is None else "test_retain",
         "train_seconds": result.seconds,
