@@ -24,6 +24,7 @@ FAST: dict[str, dict] = {
     "boundary_expand": {"epochs": 2, "batch_size": 64, "lr": 1e-3},
     "jit": {"batch_size": 64, "n_samples": 3},
     "ssd": {"batch_size": 128, "alpha": 2.0},
+    "scrub": {"epochs": 1, "msteps": 1, "batch_size": 64},
 }
 #: A hyperparameter value each method must refuse.
 BAD: dict[str, tuple[str, object]] = {}

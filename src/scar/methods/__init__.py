@@ -24,6 +24,7 @@ METHOD_MODULES = (
     "boundary_expand",
     "jit",
     "ssd",
+    "scrub",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
