@@ -25,6 +25,7 @@ FAST: dict[str, dict] = {
     "jit": {"batch_size": 64, "n_samples": 3},
     "ssd": {"batch_size": 128, "alpha": 2.0},
     "scrub": {"epochs": 1, "msteps": 1, "batch_size": 64},
+    "bad_teacher": {"batch_size": 64},
 }
 #: A hyperparameter value each method must refuse.
 BAD: dict[str, tuple[str, object]] = {}

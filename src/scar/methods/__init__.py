@@ -25,6 +25,7 @@ METHOD_MODULES = (
     "jit",
     "ssd",
     "scrub",
+    "bad_teacher",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
