@@ -26,6 +26,7 @@ FAST: dict[str, dict] = {
     "ssd": {"batch_size": 128, "alpha": 2.0},
     "scrub": {"epochs": 1, "msteps": 1, "batch_size": 64},
     "bad_teacher": {"batch_size": 64},
+    "salun": {"epochs": 1, "batch_size": 64},
 }
 #: A hyperparameter value each method must refuse.
 BAD: dict[str, tuple[str, object]] = {}

@@ -26,6 +26,7 @@ METHOD_MODULES = (
     "ssd",
     "scrub",
     "bad_teacher",
+    "salun",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
