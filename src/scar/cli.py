@@ -277,39 +277,27 @@ def load_reference(path: str | Path, ck, bundle, flag: str):
 @command("unlearn")
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from scar.checkpoint import check_output, input_files, sidecar_path
-    from scar.data.forget import make_splits
-    from scar.evaluation.audit import audit_models
-    from scar.experiments import unlearn as ul
-    from scar.methods import build_method
-    from scar.methods.presets import with_preset
+    from scar.experiments.request import UnlearnRequest, run_request
+    from scar.experiments.unlearn import unlearned_path
     from scar.utils import resolve_device
 
     ck, bundle = open_checkpoint(args)
-    dest = ul.unlearned_path(args.out)
+    dest = unlearned_path(args.out)
     check_output([dest, sidecar_path(dest)], input_files(ck) + index_files(args))
-    spec = forget_spec_from_args(args)
-    splits = make_splits(bundle, spec)
-    method = build_method(args.method, **with_preset(args.method, parse_sets(args.set),
-                                                     args.preset, bundle.info.name))
-    ul.check_stats(ck, method)
-    device = resolve_device(args.device)
-    surrogate = None
-    if "surrogate" in method.uses():
-        surrogate = ul.load_surrogate_for(ck, args.surrogate, args.surrogate_n, args.seed,
-                                          args.data_dir)
-    data = ul.build_unlearn_data(ck, bundle, splits, surrogate=surrogate, device=device,
-                                 seed=args.seed, progress=not args.quiet)
-    outcome = ul.run_unlearning(ck, method, data)
-    results, _ = audit_models({"original": ck.model, "unlearned": outcome.model}, splits,
-                              ck.input_spec, data.scenario, device=device, mia=args.mia)
-    out = ul.save_unlearned(Path(args.out), outcome, ck, splits, data, results["unlearned"],
-                            dataset_options=bundle.options, preset=args.preset)
+    request = UnlearnRequest(forget=forget_spec_from_args(args), method=args.method,
+                             hparams=parse_sets(args.set), preset=args.preset,
+                             surrogate=args.surrogate, surrogate_n=args.surrogate_n,
+                             seed=args.seed, mia=args.mia)
+    result = run_request(ck, bundle, request, device=resolve_device(args.device),
+                         progress=not args.quiet, data_dir=args.data_dir,
+                         references={"original": ck.model}, out=Path(args.out))
     preset = f" (preset {args.preset})" if args.preset else ""
-    print(f"{method.name}{preset} on {splits.spec.describe()}: {outcome.seconds:.1f}s on "
-          f"{data.device} ({outcome.info.get('stop_reason_', 'done')})")
-    print(f"data access: {outcome.profile}")
-    print(format_summary(results, data.scenario))
-    print(f"unlearned checkpoint: {out}")
+    print(f"{result.method.name}{preset} on {result.splits.spec.describe()}: "
+          f"{result.seconds:.1f}s on {result.data.device} "
+          f"({result.outcome.info.get('stop_reason_', 'done')})")
+    print(f"data access: {result.outcome.profile}")
+    print(format_summary(result.results(), result.scenario))
+    print(f"unlearned checkpoint: {result.saved}")
     return 0
 
 

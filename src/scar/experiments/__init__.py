@@ -2,9 +2,10 @@
 
 ``grid.py`` validates a grid and expands it into runs with stable ids, ``runner.py`` runs them
 (cached original / oracle checkpoints, one task per method run) through an executor
-(``executors.py``), ``store.py`` keeps one row per finished run, and ``unlearn.py`` is one
-unlearning request end to end. Names are imported lazily: ``import scar.experiments.report``
-does not pull in the training stack.
+(``executors.py``), ``store.py`` keeps one row per finished run, ``request.py`` is one
+deletion request end to end (``run_request``: the one pipeline of ``scar unlearn``, the runner
+and the demo) and ``unlearn.py`` holds its steps. Names are imported lazily: ``import
+scar.experiments.report`` does not pull in the training stack.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ _EXPORTS = {
     "Grid": "grid", "RunSpec": "grid", "load_grid": "grid", "expand": "grid",
     "ResultsStore": "store",
     "RunSummary": "runner", "run_grid": "runner",
+    "UnlearnRequest": "request", "RequestResult": "request", "run_request": "request",
     "Executor": "executors", "LocalExecutor": "executors", "RayExecutor": "executors",
     "PipelinedExecutor": "executors", "TaskLost": "executors",
 }  # fmt: skip

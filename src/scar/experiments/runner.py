@@ -54,13 +54,7 @@ from scar.data.base import ImageSet
 from scar.data.datasets import DatasetBundle, load_dataset
 from scar.data.forget import make_splits
 from scar.errors import ScarError
-from scar.evaluation.audit import (
-    add_aus,
-    audit_models,
-    model_metrics,
-    original_reference,
-    split_loaders,
-)
+from scar.evaluation.audit import add_aus, audit_models, original_reference
 from scar.experiments.executors import Executor, LocalExecutor, PipelinedExecutor, TaskLost
 from scar.experiments.grid import (
     REFERENCE_METHODS,
@@ -72,16 +66,10 @@ from scar.experiments.grid import (
     matches,
     stable_hash,
 )
+from scar.experiments.request import UnlearnRequest, run_request
 from scar.experiments.store import ResultsStore
-from scar.experiments.unlearn import (
-    build_unlearn_data,
-    check_dataset_matches,
-    check_stats,
-    given_checkpoint,
-    load_surrogate_for,
-    run_unlearning,
-)
-from scar.utils import atomic_write_json, device_name, resolve_device, seed_everything, versions
+from scar.experiments.unlearn import check_dataset_matches, given_checkpoint, load_surrogate_for
+from scar.utils import atomic_write_json, device_name, resolve_device, versions
 
 log = logging.getLogger(__name__)
 
@@ -307,42 +295,37 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- method runs
 def run_method(task: MethodTask) -> dict[str, Any]:
-    """Unlearn with one method and evaluate the result; returns its row. Never raises."""
-    from scar.methods import build_method
-
+    """Unlearn with one method and evaluate the result (:func:`~scar.experiments.request.
+    run_request`); returns its row. Never raises."""
     spec, settings = task.spec, task.settings
     device = None
     try:
         device = resolve_device(settings.device)
         bundle = cached_dataset(spec, settings)
         ck = load_original(spec, task.original, bundle)
-        check_dataset_matches(ck, bundle)
-        splits = make_splits(bundle, spec.forget)
-        method = build_method(spec.method, **spec.hparams)
-        check_stats(ck, method)
-        surrogate = (cached_surrogate(ck, spec, settings)
-                     if "surrogate" in method.uses() else None)
-        data = build_unlearn_data(ck, bundle, splits, surrogate=surrogate, device=device,
-                                  seed=spec.seed, progress=settings.progress)
-        seed_everything(spec.seed)
-        outcome = run_unlearning(ck, method, data)
-        loaders = split_loaders(splits, ck.input_spec, device)
-        metrics, _ = model_metrics(outcome.model.to(device), loaders, spec.scenario,
-                                   mia=spec.mia, mia_variant=spec.mia_variant, seed=spec.seed)
-        if task.a_or is not None:
-            add_aus(metrics, task.a_or, spec.scenario)
+        result = run_request(ck, bundle, request_of(spec), device=device,
+                             progress=settings.progress,
+                             surrogate=lambda ck: cached_surrogate(ck, spec, settings),
+                             a_or=task.a_or)
     except Exception as exc:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
         log_failure(spec, exc)
         return make_row(spec, error=exc, device=device)
-    metrics["time/unlearn_s"] = outcome.seconds
+    metrics = {**result.metrics, "time/unlearn_s": result.seconds}
     if spec.method in SNAPSHOT_METHODS:
         try:
-            snapshot_features(ck, outcome.model, splits, spec, settings.run_dir, device)
+            snapshot_features(ck, result.model, result.splits, spec, settings.run_dir, device)
         except Exception as exc:  # noqa: BLE001 - a missing plot must not lose the row
             log.warning("feature snapshot of %s failed: %s", spec.run_id, describe(exc))
-    access = {"required": sorted(method.required_data()), "images_loaded": outcome.touched,
-              "profile": outcome.profile}
-    return make_row(spec, metrics=metrics, access=access, device=device, info=outcome.info)
+    return make_row(spec, metrics=metrics, access=result.access, device=device,
+                    info=result.outcome.info)
+
+
+def request_of(spec: RunSpec) -> UnlearnRequest:
+    """The deletion request of a grid run (its hyperparameters are already resolved)."""
+    return UnlearnRequest(forget=spec.forget, method=spec.method, hparams=spec.hparams,
+                          preset=spec.preset, surrogate=spec.surrogate,
+                          surrogate_n=spec.surrogate_n, seed=spec.seed, mia=spec.mia,
+                          mia_variant=spec.mia_variant)
 
 
 #: Methods whose runs also store a feature snapshot (before/after features of test images) for

@@ -1,6 +1,6 @@
-"""One unlearning request end to end: checkpoint + forget spec + method → unlearned checkpoint.
-
-Shared by ``scar unlearn``, ``scar demo`` and the experiment runner.
+"""The steps of one unlearning request (checkpoint + forget spec + method → unlearned
+checkpoint), which :func:`scar.experiments.request.run_request` puts together for ``scar
+unlearn``, the experiment runner and ``scar demo``; the :mod:`scar.api` facade reuses them.
 """
 
 from __future__ import annotations
@@ -153,9 +153,7 @@ def run_unlearning(ck: Checkpoint, method: Method, data: UnlearnData, *,
     ``also_read``: images read for this request outside the method (e.g. class statistics the
     caller computed from training images), added to the data-access profile by kind."""
     model = method.unlearn(ck.model, data)
-    info = {k: getattr(method, k)
-            for k in ("stop_reason_", "steps_", "full_checks_", "cover_images_", "lr_")
-            if hasattr(method, k)}
+    info = dict(method.run_info())
     touched = merge_counts(method.access_, also_read or {})
     return UnlearnOutcome(model=model.cpu(), method=method, seconds=method.seconds_,
                           touched=touched, profile=access_profile(method, touched), info=info)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import nn
@@ -119,6 +119,18 @@ class UnlearnData:
                            device=self.device, seed=self.seed + seed_offset, **kw)
 
 
+class RunInfo(TypedDict, total=False):
+    """What one ``unlearn`` call reports beyond the model (a results row's ``info``, an unlearned
+    checkpoint's ``unlearn_info``). Keys end in ``_`` like fitted attributes; a method reports
+    the ones it has."""
+
+    stop_reason_: str  # why the loop stopped ("max epochs", "forget accuracy ... < ...")
+    steps_: int  # optimisation steps taken
+    full_checks_: int  # full passes over the forget set by the stopping rule
+    cover_images_: int  # images synthesised into kept classes (SCAR's cover_per_class)
+    lr_: float | None  # the learning rate used (calibrated when the hyperparameter is None)
+
+
 @dataclass(kw_only=True)
 class Method:
     """Base class: subclasses are kw-only dataclasses of hyperparameters."""
@@ -145,6 +157,10 @@ class Method:
     def uses(self) -> frozenset[str]:
         """The data this configured method may read."""
         return self.required_data() | self.may_use
+
+    def run_info(self) -> RunInfo:
+        """Facts of the last :meth:`unlearn` call (override; none by default)."""
+        return {}
 
     def access_note(self) -> str | None:
         """A detail of the data access the kinds alone do not tell (printed in the profile)."""

@@ -33,6 +33,7 @@ from scar.methods.base import (
     EVAL_BATCH,
     HR_MARGIN,
     Method,
+    RunInfo,
     UnlearnData,
     check_below,
     cycle,
@@ -405,6 +406,16 @@ class SCAR(Method):
                                                 device=batch.x.device)
 
         return cycle(loader), target_hr
+
+    def run_info(self) -> RunInfo:
+        state = vars(self)
+        if "stop_reason_" not in state:  # not run yet
+            return {}
+        info: RunInfo = {"stop_reason_": self.stop_reason_, "steps_": self.steps_,
+                         "full_checks_": self.full_checks_, "lr_": self.lr_}
+        if "cover_images_" in state:  # the per-batch self-forget loop synthesises none
+            info["cover_images_"] = self.cover_images_
+        return info
 
     def cover(self, teacher: FeatureModel, head: MahalanobisHead, surrogate: ImageSet,
               data: UnlearnData) -> ImageSet:
