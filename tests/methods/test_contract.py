@@ -27,6 +27,7 @@ FAST: dict[str, dict] = {
     "scrub": {"epochs": 1, "msteps": 1, "batch_size": 64},
     "bad_teacher": {"batch_size": 64},
     "salun": {"epochs": 1, "batch_size": 64},
+    "l1_sparse": {"epochs": 1, "batch_size": 64},
 }
 #: A hyperparameter value each method must refuse.
 BAD: dict[str, tuple[str, object]] = {}

@@ -27,6 +27,7 @@ METHOD_MODULES = (
     "scrub",
     "bad_teacher",
     "salun",
+    "l1_sparse",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
