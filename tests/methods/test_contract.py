@@ -28,6 +28,7 @@ FAST: dict[str, dict] = {
     "bad_teacher": {"batch_size": 64},
     "salun": {"epochs": 1, "batch_size": 64},
     "l1_sparse": {"epochs": 1, "batch_size": 64},
+    "unsir": {"noise_batch": 16, "noise_steps": 5, "noise_copies": 2, "batch_size": 64},
 }
 #: A hyperparameter value each method must refuse.
 BAD: dict[str, tuple[str, object]] = {}

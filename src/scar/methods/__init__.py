@@ -28,6 +28,7 @@ METHOD_MODULES = (
     "bad_teacher",
     "salun",
     "l1_sparse",
+    "unsir",
 )
 for _name in METHOD_MODULES:
     importlib.import_module(f"scar.methods.{_name}")
