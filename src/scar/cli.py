@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scar import __version__
+from scar import __version__, cli_report, cli_run
 from scar.errors import ConfigError, ScarError
 
 log = logging.getLogger("scar")
@@ -490,16 +490,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_own_checkpoint_args(p)
     add_device_args(p)
 
-    for extend in EXTENSIONS:
-        extend(sub)
+    for add_parser, _ in EXTENSIONS.values():
+        add_parser(sub)
     return parser
 
 
-#: Functions adding further sub-commands (kept in their own modules to keep this file short).
-EXTENSIONS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-# Sub-commands kept in their own modules register themselves on import.
-from scar import cli_report, cli_run  # noqa: E402,F401,I001
+#: Sub-commands kept in their own modules (to keep this file short): parser builder, handler.
+EXTENSIONS: dict[str, tuple[Callable[[argparse._SubParsersAction], None],
+                            Callable[[argparse.Namespace], int]]] = {
+    "run": (cli_run.add_run_parser, cli_run.cmd_run),
+    "report": (cli_report.add_report_parser, cli_report.cmd_report),
+}
+COMMANDS.update({name: handler for name, (_, handler) in EXTENSIONS.items()})
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
@@ -530,8 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m scar.cli` runs this file as __main__, a second module object whose command
-    # table the sub-command modules (which register into `scar.cli`) never fill: use the real one.
+    # `python -m scar.cli` runs this file as __main__, a second module object: use the real one
+    # (the one every other module and the tests see).
     from scar.cli import main as _main
 
     sys.exit(_main())

@@ -1,14 +1,12 @@
 """``scar report RUN_DIR [--out DIR]``: tables, notes and plots from a run's stored rows.
 
-Registers itself with :mod:`scar.cli` on import (``EXTENSIONS`` for the parser, ``COMMANDS`` for
-the handler), so ``scar.cli`` only needs to import this module.
+Its parser (``add_report_parser``) and handler (``cmd_report``) are registered by
+:mod:`scar.cli`, which imports this module (never the other way round: no import cycle).
 """
 
 from __future__ import annotations
 
 import argparse
-
-from scar.cli import EXTENSIONS, command
 
 
 def add_report_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +15,6 @@ def add_report_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
 
 
-@command("report")
 def cmd_report(args: argparse.Namespace) -> int:
     from scar.experiments.report import (
         build_report,
@@ -43,6 +40,3 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"  {name:<30} {path}")
     return 0
 
-
-if add_report_parser not in EXTENSIONS:
-    EXTENSIONS.append(add_report_parser)

@@ -1,9 +1,9 @@
 """``scar run GRID.yaml [--out RUN_DIR] [--dry-run] [--only key=value,...] [--device ...]
 [--executor local|ray [--address auto] [--cpus-per-task N] [--gpus-per-task N] [--retries N]]``.
 
-Registers itself with :mod:`scar.cli` on import (``EXTENSIONS`` for the parser, ``COMMANDS`` for
-the handler). Exit code 0 when every run succeeded, 1 when some failed (their rows say why),
-2 for an invalid grid (nothing ran).
+Its parser (``add_run_parser``) and handler (``cmd_run``) are registered by :mod:`scar.cli`,
+which imports this module (never the other way round: no import cycle). Exit code 0 when every
+run succeeded, 1 when some failed (their rows say why), 2 for an invalid grid (nothing ran).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
-from scar.cli import EXTENSIONS, command
 from scar.errors import ConfigError
 
 DEFAULT_RUNS_DIR = Path("runs")
@@ -97,7 +96,6 @@ def format_runs(specs, finished: set[str]) -> str:
     return "\n".join(lines)
 
 
-@command("run")
 def cmd_run(args: argparse.Namespace) -> int:
     from scar.experiments.grid import check_only, expand, load_grid
     from scar.experiments.runner import run_grid, select
@@ -130,6 +128,3 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{' --out ' + str(args.out) if args.out else ''}` to retry only those.")
     return 1 if summary.failed else 0
 
-
-if add_run_parser not in EXTENSIONS:
-    EXTENSIONS.append(add_run_parser)

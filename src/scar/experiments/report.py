@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,21 @@ from scar.evaluation.aus import (
     aus_on_means,
 )
 from scar.evaluation.mia import MIAResult, attack_separates
-from scar.experiments.store import RESULTS_FILE, parse_rows_counted
+from scar.experiments.labels import (  # noqa: F401 - public names of the report (older imports)
+    ORIGINAL,
+    RETRAIN,
+    method_labels,
+    method_order,
+    natural_key,
+    table_key,
+)
+from scar.experiments.store import (  # noqa: F401 - latest_rows, failed_rows: as above
+    RESULTS_FILE,
+    ResultsStore,
+    failed_rows,
+    latest_rows,
+    ok_rows,
+)
 from scar.utils import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -49,8 +62,6 @@ log = logging.getLogger(__name__)
 REPORT_KEYS = ("run_id", "status", "dataset", "model", "scenario", "method", "metrics")
 DEFAULT_OUT_SUBDIR = "report"
 PLOTS_SUBDIR = "plots"
-ORIGINAL = "original"
-RETRAIN = "retrain"
 #: Original vs retrain MIA gap (accuracy or AUC) below which the attack "does not separate".
 MIA_MARGIN = 0.05
 DASH = "—"
@@ -156,13 +167,14 @@ class GroupSummary:
 # ---------------------------------------------------------------- loading
 def read_rows(run_dir: str | Path) -> tuple[list[dict], int]:
     """(rows in file order, number of unreadable lines skipped) of ``run_dir/results.jsonl``."""
-    path = Path(run_dir) / RESULTS_FILE
+    store = ResultsStore(Path(run_dir) / RESULTS_FILE)
+    path = store.path
     if not path.is_file():
         raise MissingDataError(
             f"no {RESULTS_FILE} in {Path(run_dir)}; a run directory holds the rows written by "
             "`scar run` (one JSON object per line)."
         )
-    rows, skipped = parse_rows_counted(path.read_bytes(), str(path))
+    rows, skipped = store.read()
     for number, row in enumerate(rows, start=1):
         missing = [k for k in REPORT_KEYS if k not in row]
         if missing:
@@ -179,37 +191,7 @@ def load_rows(run_dir: str | Path) -> list[dict]:
     return read_rows(run_dir)[0]
 
 
-def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """One row per ``run_id``: a later row replaces an earlier one (a rerun after a failure)."""
-    by_id: dict[Any, dict] = {}
-    anonymous: list[dict] = []
-    for row in rows:
-        run_id = row.get("run_id")
-        if run_id is None:
-            anonymous.append(dict(row))
-            continue
-        if run_id in by_id:
-            log.info("run %s appears again; the later row replaces the earlier one", run_id)
-            del by_id[run_id]  # re-insert so file order reflects the latest row
-        by_id[run_id] = dict(row)
-    return list(by_id.values()) + anonymous
-
-
-def ok_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
-    return [dict(r) for r in latest_rows(rows) if r.get("status", "ok") == "ok"]
-
-
-def failed_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
-    return [dict(r) for r in latest_rows(rows) if r.get("status", "ok") != "ok"]
-
-
 # ---------------------------------------------------------------- small helpers
-def natural_key(text: Any) -> tuple:
-    """Sort key with numbers compared as numbers: class2 < class10."""
-    parts = re.split(r"(\d+)", str(text))
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts)
-
-
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -222,56 +204,6 @@ def mean_std(values: Sequence[float]) -> Stat:
     return Stat(mean, std, n)
 
 
-def _table_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
-    return (str(row.get("dataset")), str(row.get("model")), str(row.get("scenario")).upper())
-
-
-def _hparam_text(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, default=str)
-
-
-def _varying_keys(settings: Iterable[str]) -> list[str]:
-    """Hyper-parameter names whose values differ among the JSON-encoded ``settings``."""
-    decoded = [json.loads(s) for s in sorted(settings)]
-    names = set().union(*decoded)
-    return sorted(k for k in names if len({_hparam_text(h.get(k)) for h in decoded}) > 1)
-
-
-def _value_text(value: Any) -> str:
-    return value if isinstance(value, str) else _hparam_text(value)
-
-
-def method_labels(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Row label per row: the method, plus ``[preset=…, k=v, …]`` naming its preset (if any) and
-    the hparams that vary among the rows of that method and preset."""
-    settings: dict[tuple, set[str]] = {}
-    for row in rows:
-        key = (*_table_key(row), row.get("method"), row.get("preset"))
-        settings.setdefault(key, set()).add(_hparam_text(row.get("hparams") or {}))
-    varying = {key: _varying_keys(s) for key, s in settings.items() if len(s) > 1}
-    labels = []
-    for row in rows:
-        name = str(row.get("method"))
-        keys = varying.get((*_table_key(row), row.get("method"), row.get("preset"))) or []
-        own = row.get("hparams") or {}
-        shown = [f"{k}={_value_text(own[k]) if k in own else 'unset'}" for k in keys]
-        if row.get("preset"):
-            shown.insert(0, f"preset={row['preset']}")
-        if shown:
-            name += " [" + ", ".join(shown) + "]"
-        labels.append(name)
-    return labels
-
-
-def method_order(labels: Sequence[str]) -> list[str]:
-    seen: list[str] = []
-    for label in labels:
-        if label not in seen:
-            seen.append(label)
-    head = [m for m in (ORIGINAL, RETRAIN) if m in seen]
-    return head + [m for m in seen if m not in head]
-
-
 def _row_sort_key(row: Mapping[str, Any]) -> tuple:
     return (natural_key(row.get("forget_id")), natural_key(row.get("seed")), str(row.get("run_id")))
 
@@ -282,8 +214,8 @@ def _originals(rows: Sequence[Mapping[str, Any]]) -> dict[tuple, Mapping[str, An
     index: dict[tuple, Mapping[str, Any]] = {}
     for row in sorted((r for r in rows if r.get("method") == ORIGINAL), key=_row_sort_key):
         metrics = row.get("metrics") or {}
-        index.setdefault((*_table_key(row), row.get("forget_id"), row.get("seed")), metrics)
-        index.setdefault((*_table_key(row), row.get("forget_id")), metrics)
+        index.setdefault((*table_key(row), row.get("forget_id"), row.get("seed")), metrics)
+        index.setdefault((*table_key(row), row.get("forget_id")), metrics)
     return index
 
 
@@ -291,11 +223,11 @@ def aus_inputs(
     row: Mapping[str, Any], originals: Mapping[tuple, Mapping[str, Any]]
 ) -> dict[str, float] | None:
     """(a_or, a_t, a_f) of one run, A_or from the original row of the same forget request."""
-    scenario = _table_key(row)[2]
+    scenario = table_key(row)[2]
     if scenario not in AUS_KEYS:
         return None
     keys = AUS_KEYS[scenario]
-    base = (*_table_key(row), row.get("forget_id"))
+    base = (*table_key(row), row.get("forget_id"))
     original = originals.get((*base, row.get("seed"))) or originals.get(base)
     metrics = row.get("metrics") or {}
     values = {
@@ -413,7 +345,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[GroupSummary]:
     originals = _originals(good)
     groups: dict[tuple[str, str, str], dict[str, list[dict]]] = {}
     for row, label in zip(good, labels):
-        groups.setdefault(_table_key(row), {}).setdefault(label, []).append(row)
+        groups.setdefault(table_key(row), {}).setdefault(label, []).append(row)
     out: list[GroupSummary] = []
     for key in sorted(groups):
         by_label = groups[key]
@@ -602,7 +534,7 @@ def failed_summary(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """One line per (table, method, first error line): count, forget ids, the error."""
     groups: dict[tuple, list[str]] = {}
     for row in failed_rows(rows):
-        key = (*_table_key(row), str(row.get("method")), error_line(row.get("error")))
+        key = (*table_key(row), str(row.get("method")), error_line(row.get("error")))
         groups.setdefault(key, []).append(str(row.get("forget_id")))
     lines = []
     for (dataset, model, scenario, method, error), ids in sorted(groups.items()):
@@ -795,7 +727,7 @@ def _table_plots(
         ),
     ]
     if key[2] == "CR":
-        table_rows = [r for r in ok_rows(rows) if _table_key(r) == key]
+        table_rows = [r for r in ok_rows(rows) if table_key(r) == key]
         jobs.append(
             (
                 "per removed class",

@@ -339,7 +339,7 @@ def snapshot_features(ck: Checkpoint, unlearned: torch.nn.Module, splits, spec: 
                       run_dir: str, device) -> None:
     """Features of the same test images under the original and the unlearned model."""
     from scar.data.base import BatchLoader
-    from scar.experiments.plots import feature_snapshot_path, save_feature_snapshot
+    from scar.experiments.snapshots import feature_snapshot_path, save_feature_snapshot
     from scar.models.adapter import FeatureModel
 
     test = splits.test

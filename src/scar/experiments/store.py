@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,14 @@ class ResultsStore:
 
     def rows(self) -> list[dict[str, Any]]:
         """All complete rows, in file order."""
+        return self.read()[0]
+
+    def read(self) -> tuple[list[dict[str, Any]], int]:
+        """(all complete rows in file order, number of unreadable last lines skipped): the one
+        reader of results files (``scar run`` resumes, appends and ``scar report`` use it)."""
         if not self.path.exists():
-            return []
-        return parse_rows(self.path.read_bytes(), str(self.path))
+            return [], 0
+        return parse_rows_counted(self.path.read_bytes(), str(self.path))
 
     def latest(self) -> dict[str, dict[str, Any]]:
         """The last row of each run id."""
@@ -103,6 +108,31 @@ class ResultsStore:
     def extend(self, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
             self.append(row)
+
+
+# ---------------------------------------------------------------- views of rows
+def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """One row per ``run_id``: a later row replaces an earlier one (a rerun after a failure)."""
+    by_id: dict[Any, dict] = {}
+    anonymous: list[dict] = []
+    for row in rows:
+        run_id = row.get("run_id")
+        if run_id is None:
+            anonymous.append(dict(row))
+            continue
+        if run_id in by_id:
+            log.info("run %s appears again; the later row replaces the earlier one", run_id)
+            del by_id[run_id]  # re-insert so file order reflects the latest row
+        by_id[run_id] = dict(row)
+    return list(by_id.values()) + anonymous
+
+
+def ok_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    return [dict(r) for r in latest_rows(rows) if r.get("status", "ok") == "ok"]
+
+
+def failed_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
+    return [dict(r) for r in latest_rows(rows) if r.get("status", "ok") != "ok"]
 
 
 def parse_rows(data: bytes, source: str = "<results>") -> list[dict[str, Any]]:
