@@ -11,6 +11,7 @@ from torch import nn
 from scar.data.base import InputSpec, TensorImages
 from scar.data.datasets import DatasetBundle, DatasetInfo
 from scar.data.forget import ForgetSpec, make_splits
+from scar.errors import ConfigError
 from scar.methods import UnlearnData, build_method
 from scar.methods.scar_method import (
     balanced_weights,
@@ -197,3 +198,32 @@ def test_fused_forward_equals_separate_passes(bn_train):
     assert torch.allclose(feats, ref_feats, atol=1e-5)
     assert torch.allclose(logits, ref_logits, atol=1e-5)
     assert torch.allclose(s_logits, ref_s, atol=1e-5)
+
+
+def test_next_choice_targets_send_forget_images_to_the_teachers_next_class():
+    from scar.methods.scar_method import next_choice_targets
+
+    t = torch.tensor([[5.0, 2.0, 1.0], [4.0, 0.0, 3.0]])
+    out = next_choice_targets(t, torch.tensor([0]))
+    assert torch.equal(out, torch.tensor([[0.0, 2.0, 1.0], [0.0, 0.0, 3.0]]))  # batch min 0
+    assert out.argmax(1).tolist() == [1, 2] and torch.equal(t[0], torch.tensor([5.0, 2.0, 1.0]))
+
+
+def test_forget_distill_forgets_without_the_metric_term_and_is_class_removal_only(
+        tiny_model, synth, cr_splits, hr_splits, tiny_surrogate):
+    def data(splits, scenario):
+        return UnlearnData(input_spec=synth.info.input_spec, num_classes=synth.info.num_classes,
+                           scenario=scenario, removed_classes=splits.removed_classes,
+                           forget=splits.train_forget, surrogate=tiny_surrogate,
+                           stats=None, original_test_acc=0.9, seed=0)
+
+    method = build_method("scar", lambda_1=0.0, forget_distill=1.0, stats="surrogate",
+                          epochs=3, step_kl=0.05)
+    d = data(cr_splits, "CR")
+    model = method.unlearn(tiny_model, d)
+    loader = d.loader("forget", 256, shuffle=False)
+    with torch.no_grad():
+        acc = torch.cat([model(b.x).argmax(1) == b.y for b in loader]).float().mean()
+    assert float(acc) < 0.01 and d.touched().get("retain", 0) == 0
+    with pytest.raises(ConfigError, match="class removal only"):
+        method.unlearn(tiny_model, data(hr_splits, "HR"))

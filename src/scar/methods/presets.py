@@ -137,6 +137,7 @@ _SCAR_COMMON: dict[str, Any] = {
     "revisit_share": 0.0,  # shuffled forget batches only
     "mask_min": "kept",  # the CR mask value: minimum over the kept rows
     "augment": True,  # retain and CR surrogate images through the training augmentation
+    "forget_distill": 0.0,  # no distillation on the forget images
 }
 _SCAR: dict[str, Any] = {
     **_SCAR_COMMON,

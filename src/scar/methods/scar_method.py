@@ -44,7 +44,6 @@ from scar.methods.base import (
     stop_target,
 )
 from scar.methods.mahalanobis import ClassStats, MahalanobisHead
-from scar.methods.statistics import class_statistics
 from scar.methods.step_size import (
     calibrate_lr,
     random_label_gradients,
@@ -128,6 +127,14 @@ def mask_teacher_cr(teacher_logits: torch.Tensor, removed: torch.Tensor,
     if t.numel():
         t[:, removed] = (t if minimum == "kept" else teacher_logits).min()
     return t, keep
+
+
+def next_choice_targets(teacher_logits: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """Teacher logits of forget images with the removed classes' logits set to the batch minimum:
+    as a distillation target, each image goes to the teacher's next choice (``forget_distill``)."""
+    t = teacher_logits.clone()
+    t[:, removed] = teacher_logits.min()
+    return t
 
 
 def balanced_weights(predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -266,6 +273,15 @@ class SCAR(Method):
     cover_per_class: int = 0
     cover_steps: int = 50
     cover_lr: float = 0.1
+    # An extension under study (0 = off, the reference): class removal adds
+    # forget_distill·D(masked teacher(x_f) ‖ student(x_f)) on each forget batch, the teacher's
+    # logits of the removed classes set to the batch minimum, so each forget image is sent to
+    # the teacher's next choice (what an oracle does with it) instead of only to the nearest
+    # wrong class's Gaussian. One seed on Fashion-MNIST (classes 0, 3, 7), with lambda_1=0 and
+    # step_kl=0.05: fastcnn retain drop 0.11 / 0.70 / -0.06 points, ResNet-18 0.16 / 1.17 /
+    # -0.23 with class 3 in 15 steps instead of 116 (benchmarks/fmnist_reference_preset/NOTES.md);
+    # not the default until the whole panel is measured.
+    forget_distill: float = 0.0
 
     def validate(self) -> None:
         if self.lr is not None:
@@ -295,6 +311,7 @@ class SCAR(Method):
         check_range("cover_per_class", self.cover_per_class, 0)
         check_range("cover_steps", self.cover_steps, 0)
         check_range("cover_lr", self.cover_lr, 0, low_inclusive=False)
+        check_range("forget_distill", self.forget_distill, 0)
         check_choice("divergence", self.divergence, DIVERGENCES)
         check_choice("mask_min", self.mask_min, MASK_MINIMA)
         check_choice("stats", self.stats, STATS_SOURCES)
@@ -464,6 +481,12 @@ class SCAR(Method):
         revisit = round(self.revisit_share * self.batch_size) if data.scenario == "CR" else 0
         forget_batches = ForgetBatches(data, forget, targets, self.batch_size, revisit)
 
+        if self.forget_distill and data.scenario != "CR":
+            raise ConfigError(
+                f"forget_distill={self.forget_distill} applies to class removal only (it masks "
+                "the removed classes' teacher logits); use forget_distill=0 for random removal."
+            )
+        removed = torch.tensor(data.removed_classes, device=dev, dtype=torch.long)
         self.stop_reason_ = "max epochs"
         self.full_checks_ = 0
         self.steps_ = 0
@@ -480,6 +503,9 @@ class SCAR(Method):
                     if self.targets_from == "original":
                         self.assign_targets(teacher, head, targets, fb)
                     fresh = forget_batches.fresh  # the shuffled part: the stopping trigger's
+                    if self.forget_distill:
+                        with torch.no_grad():
+                            f_targets = next_choice_targets(original(fb.x), removed)
                     for k in range(self.surrogate_steps):
                         set_bn_train(model, self.bn_train)
                         sb = next(sur_batches)
@@ -498,6 +524,9 @@ class SCAR(Method):
                         else:  # every surrogate image of this batch was a removed class
                             loss_td = torch.zeros((), device=dev)
                         loss = loss_m + loss_td
+                        if self.forget_distill:
+                            loss = loss + self.forget_distill * divergence(
+                                f_targets, logits, self.temperature)
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         if self.lr_ is None:  # first step: the step size from the model
