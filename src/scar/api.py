@@ -252,7 +252,7 @@ def class_statistics(model: nn.Module, data: DataLike, *, by: str = "labels",
     forget / retain images in :func:`unlearn`'s profile); ``by="predictions"`` groups unlabelled
     images (surrogates) by the model's predictions.
     """
-    from scar.methods import statistics
+    from scar import statistics
 
     check_choice("by", by, STATS_GROUPING)
     raw = read_images(data, "data", labels_needed=by == "labels")

@@ -22,7 +22,7 @@ from scar.data.forget import ForgetSpec, Splits
 from scar.data.surrogates import load_surrogate
 from scar.errors import CheckpointError, ConfigError, MissingRequirementError
 from scar.methods.base import Method, UnlearnData, access_profile
-from scar.methods.mahalanobis import ClassStats
+from scar.statistics import ClassStats
 from scar.training.recipes import recorded_augment
 from scar.utils import device_name
 

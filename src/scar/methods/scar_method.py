@@ -52,6 +52,7 @@ from scar.methods.step_size import (
 from scar.methods.synthesis import most_probable_per_class, synthesize
 from scar.models.adapter import FeatureModel
 from scar.models.base import eval_mode
+from scar.statistics import class_statistics
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,6 @@ from torch import nn
 from scar.data.base import ImageSet, TensorImages
 from scar.errors import ConfigError, MissingRequirementError, check_choice, check_range
 from scar.methods.base import EVAL_BATCH, UnlearnData, register, seeded, set_bn_train
-from scar.methods.mahalanobis import ClassStats, inverse_tukey
 from scar.methods.scar_method import (
     DIVERGENCE_FNS,
     SCAR,
@@ -29,6 +28,7 @@ from scar.methods.scar_method import (
 )
 from scar.methods.synthesis import GaussianSampler, sample_points, synthesize
 from scar.models.adapter import FeatureModel
+from scar.statistics import ClassStats, inverse_tukey
 
 log = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ def run_train_job(
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if record_stats:
-        from scar.methods.statistics import record_class_statistics
+        from scar.statistics import record_class_statistics
 
         stats_file = out.with_suffix(".stats.safetensors")
         record_class_statistics(result.model, spec, train, info.input_spec, stats_file,
