@@ -309,7 +309,7 @@ def unlearn(model: nn.Module, *, forget: DataLike, surrogate: DataLike | str | N
     hyperparameters (``scar list methods``), over the ``preset``'s values.
     """
     from scar.checkpoint import Checkpoint
-    from scar.experiments.unlearn import DEFAULT_SURROGATE_SIZE, run_unlearning
+    from scar.experiments.unlearn import run_unlearning, surrogate_size
     from scar.methods import UnlearnData, build_method
     from scar.methods.presets import with_preset
     from scar.models.base import ModelSpec
@@ -326,8 +326,8 @@ def unlearn(model: nn.Module, *, forget: DataLike, surrogate: DataLike | str | N
     spec = infer_input_spec(raws.values(), mean, std)
     sets = {kind: as_image_set(raw, spec, kind) for kind, raw in raws.items()}
     if isinstance(surrogate, str):
-        sets["surrogate"] = _named_surrogate(surrogate, spec, surrogate_n or
-                                             DEFAULT_SURROGATE_SIZE, seed)
+        sets["surrogate"] = _named_surrogate(surrogate, spec,
+                                             surrogate_size(surrogate, surrogate_n), seed)
     fm = feature_model(model, head, sets["forget"], spec)
     class_stats = stats.stats if isinstance(stats, ClassStatistics) else stats
     check_unlearn_inputs(built, scenario, test_accuracy, class_stats, sets)
@@ -349,7 +349,7 @@ def unlearn(model: nn.Module, *, forget: DataLike, surrogate: DataLike | str | N
     return outcome.model.to(model_device(model, None)), result
 
 
-def _named_surrogate(name: str, spec: InputSpec, n: int, seed: int) -> ImageSet:
+def _named_surrogate(name: str, spec: InputSpec, n: int | None, seed: int) -> ImageSet:
     from scar.data.surrogates import load_surrogate
 
     return load_surrogate(name, channels=spec.channels, size=spec.size, n=n, seed=seed)

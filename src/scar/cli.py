@@ -331,7 +331,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from scar.checkpoint import check_output, input_files, sidecar_path
-    from scar.data.forget import ForgetSpec, make_splits
+    from scar.data.forget import ForgetSpec, make_splits, scenario_of
     from scar.evaluation.audit import audit_models, mia_note
     from scar.utils import atomic_write_json, resolve_device
 
@@ -359,7 +359,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.oracle:
         models["retrain"] = load_reference(args.oracle, ck, bundle, "--oracle").model
     models["evaluated"] = ck.model
-    scenario = "CR" if spec.kind == "class" else "HR"
+    scenario = scenario_of(spec)
     results, _ = audit_models(models, splits, ck.input_spec, scenario,
                               device=resolve_device(args.device), mia=not args.no_mia,
                               mia_variant=args.mia_variant)

@@ -28,6 +28,16 @@ ForgetKind = Literal["class", "random", "indices"]
 FORGET_KINDS: tuple[str, ...] = ("class", "random", "indices")
 
 
+#: The two deletion scenarios: class removal (CR, a ForgetSpec of kind "class") and random /
+#: index-file removal (HR, kinds "random" and "indices").
+SCENARIOS = ("CR", "HR")
+
+
+def scenario_of(spec: ForgetSpec) -> str:
+    """CR for class removal, HR for random / index-file removal."""
+    return "CR" if spec.kind == "class" else "HR"
+
+
 @dataclass(frozen=True)
 class ForgetSpec:
     """What to forget. Build with :meth:`for_classes`, :meth:`random` or :meth:`from_file`."""

@@ -16,7 +16,7 @@ from torch import nn
 from scar.data.base import BatchLoader, InputSpec
 from scar.data.forget import Splits
 from scar.evaluation.aus import aus
-from scar.evaluation.metrics import split_accuracies
+from scar.evaluation.metrics import SPLITS, split_accuracies
 from scar.evaluation.mia import MIAResult, mia_cr, mia_hr, separation_note
 from scar.evaluation.outputs import Outputs, evaluate_splits
 
@@ -28,7 +28,7 @@ AUS_KEYS: dict[str, dict[str, str]] = {
     "CR": {"a_t": "acc/test_retain", "a_f": "acc/test_forget"},
     "HR": {"a_t": "acc/test", "a_f": "acc/train_forget"},
 }
-SPLIT_NAMES = ("train_forget", "train_retain", "test", "test_forget", "test_retain")
+SPLIT_NAMES = SPLITS  # every split of a forget request (evaluation.metrics)
 
 
 def split_loaders(splits: Splits, spec: InputSpec, device: torch.device | str,

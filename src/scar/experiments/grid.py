@@ -87,7 +87,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from scar.data.forget import ForgetSpec, validate_amount, validate_classes
+from scar.data.forget import SCENARIOS, ForgetSpec, validate_amount, validate_classes
 from scar.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,6 @@ MODEL_ENTRY_KEYS: tuple[str, ...] = ("name", "dataset_options", "model_kwargs", 
 MERGED_KEYS: tuple[str, ...] = ("dataset_options", "model_kwargs", "train")
 #: The words ``oracles`` takes besides a list of requests.
 ORACLE_CHOICES = ("all", "none")
-SCENARIOS = ("CR", "HR")
-MIA_VARIANTS = ("balanced", "reference")
 #: Rows every request gets, whatever the methods: the original model and the oracle.
 REFERENCE_METHODS = ("original", "retrain")
 #: Key of a method's mapping that names its preset (not a hyperparameter).
@@ -230,6 +228,8 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
             f"grid key 'scenario' must be one of {list(SCENARIOS)}; got {raw['scenario']!r}."
         )
     mia_variant = raw.get("mia_variant", "balanced")
+    from scar.evaluation.mia import MIA_VARIANTS
+
     if mia_variant not in MIA_VARIANTS:
         raise ConfigError(
             f"grid key 'mia_variant' must be one of {list(MIA_VARIANTS)}; got {mia_variant!r}."
@@ -843,12 +843,10 @@ def resolved_hparams(name: str, hparams: Mapping[str, Any], preset: str | None =
 
 
 def resolved_surrogate(grid: Grid, dataset: str) -> tuple[str, int | None]:
-    from scar.experiments.unlearn import DEFAULT_SURROGATE_SIZE, default_surrogate
+    from scar.experiments.unlearn import default_surrogate, surrogate_size
 
     name = grid.surrogate or default_surrogate(dataset)
-    if grid.surrogate_n is not None:
-        return name, grid.surrogate_n
-    return name, None if name == "digits" else DEFAULT_SURROGATE_SIZE
+    return name, surrogate_size(name, grid.surrogate_n)
 
 
 def expand(grid: Grid) -> list[RunSpec]:

@@ -18,7 +18,7 @@ from torch import nn
 from scar.checkpoint import Checkpoint, save_checkpoint
 from scar.data.base import ImageSet
 from scar.data.datasets import DatasetBundle, load_dataset
-from scar.data.forget import ForgetSpec, Splits
+from scar.data.forget import Splits, scenario_of  # noqa: F401 - scenario_of re-exported
 from scar.data.surrogates import load_surrogate
 from scar.errors import CheckpointError, ConfigError, MissingRequirementError
 from scar.methods.base import Method, UnlearnData, access_profile
@@ -46,9 +46,12 @@ def default_surrogate(dataset: str) -> str:
     return DEFAULT_SURROGATES.get(dataset, FALLBACK_SURROGATE)
 
 
-def scenario_of(spec: ForgetSpec) -> str:
-    """CR for class removal, HR for random / index-file removal."""
-    return "CR" if spec.kind == "class" else "HR"
+def surrogate_size(name: str, n: int | None = None) -> int | None:
+    """Images taken from surrogate source ``name``: ``n`` when given, else
+    :data:`DEFAULT_SURROGATE_SIZE`, except ``digits`` (None: all of its images)."""
+    if n is not None:
+        return n
+    return None if name == "digits" else DEFAULT_SURROGATE_SIZE
 
 
 def load_surrogate_for(ck: Checkpoint, name: str | None, n: int | None, seed: int,
@@ -56,8 +59,7 @@ def load_surrogate_for(ck: Checkpoint, name: str | None, n: int | None, seed: in
     spec = ck.input_spec
     name = name or default_surrogate(ck.dataset)
     return load_surrogate(name, channels=spec.channels, size=spec.size,
-                          n=n if n is not None else (DEFAULT_SURROGATE_SIZE
-                                                     if name != "digits" else None),
+                          n=surrogate_size(name, n),
                           seed=seed, data_dir=data_dir, exclude_dataset=ck.dataset)
 
 

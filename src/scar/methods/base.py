@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from scar.data.base import Augment, BatchLoader, ImageSet, InputSpec, SubsetImages
+from scar.data.forget import SCENARIOS
 from scar.errors import ConfigError, MissingRequirementError, check_choice
 from scar.models.base import channels_last, check_finite, eval_mode
 from scar.registry import Registry
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 DATA_KINDS = ("forget", "retain", "surrogate", "stats")
 #: Batch size of inference-only passes over a split (stopping checks, target assignment).
 EVAL_BATCH = 1024
-SCENARIOS = ("CR", "HR")
 
 
 class TrackedImages(ImageSet):

@@ -47,6 +47,12 @@ from scar.statistics import (  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
+#: Shrinkage defaults (spec section 1): γ1 = γ2 = 3, applied twice as in the reference code
+#: (once is the paper's text). SCAR's hyperparameters gamma_1, gamma_2, shrink_times default
+#: to these.
+DEFAULT_GAMMA = 3.0
+DEFAULT_SHRINK_TIMES = 2
+
 #: Variances below this are treated as this when dividing by σσᵀ. After shrinkage a zero diagonal
 #: entry only occurs for an all-zero matrix (a PSD matrix with zero variance has a zero row), so
 #: the guard turns 0/0 into 0 instead of NaN and changes nothing else.
@@ -57,7 +63,7 @@ VARIANCE_EPS = 1e-12
 # --------------------------------------------------------------------------------------------
 
 
-def shrink(s: Tensor, gamma1: float, gamma2: float) -> Tensor:
+def shrink(s: Tensor, gamma_1: float, gamma_2: float) -> Tensor:
     """``S + γ1·V1·I + γ2·V2·(11ᵀ − I)``, batched over leading dims ``[..., d, d]``.
 
     ``V1`` = mean of diag(S); ``V2`` = mean of the *non-zero* off-diagonal entries (0 if there are
@@ -73,7 +79,8 @@ def shrink(s: Tensor, gamma1: float, gamma2: float) -> Tensor:
     nonzero = (off != 0).sum((-2, -1))
     v2 = off.sum((-2, -1)) / nonzero.clamp_min(1)  # no non-zero entry → sum is 0 → V2 = 0
     eye_f = eye.to(s.dtype)
-    return s + (gamma1 * v1)[..., None, None] * eye_f + (gamma2 * v2)[..., None, None] * (1 - eye_f)
+    return (s + (gamma_1 * v1)[..., None, None] * eye_f
+            + (gamma_2 * v2)[..., None, None] * (1 - eye_f))
 
 
 def correlation_normalize(s: Tensor) -> Tensor:
@@ -87,7 +94,8 @@ def correlation_normalize(s: Tensor) -> Tensor:
 
 
 def precision_matrices(
-    covs: Tensor, gamma1: float = 3.0, gamma2: float = 3.0, shrink_times: int = 2
+    covs: Tensor, gamma_1: float = DEFAULT_GAMMA, gamma_2: float = DEFAULT_GAMMA,
+    shrink_times: int = DEFAULT_SHRINK_TIMES,
 ) -> Tensor:
     """``P = pinv(corr(shrink^k(S)))`` per class, float64, ``[C, d, d]`` → ``[C, d, d]``.
 
@@ -95,13 +103,13 @@ def precision_matrices(
     ``shrink_times=1`` is the paper; 0 skips shrinkage (ablation only). When all off-diagonals
     are non-zero, shrinking twice equals shrinking once with ``γ' = γ(2 + γ)`` (15 for γ = 3).
     """
-    check_range("gamma1", gamma1, 0.0, None)
-    check_range("gamma2", gamma2, 0.0, None)
+    check_range("gamma_1", gamma_1, 0.0, None)
+    check_range("gamma_2", gamma_2, 0.0, None)
     if isinstance(shrink_times, bool) or not isinstance(shrink_times, int) or shrink_times < 0:
         raise ConfigError(f"shrink_times must be an integer >= 0; got {shrink_times!r}.")
     s = covs.to(torch.float64)
     for _ in range(shrink_times):
-        s = shrink(s, gamma1, gamma2)
+        s = shrink(s, gamma_1, gamma_2)
     s = correlation_normalize(s)
     return torch.linalg.pinv(s, hermitian=True)
 
@@ -136,9 +144,9 @@ class MahalanobisHead(nn.Module):
         self,
         stats: ClassStats,
         *,
-        gamma1: float = 3.0,
-        gamma2: float = 3.0,
-        shrink_times: int = 2,
+        gamma_1: float = DEFAULT_GAMMA,
+        gamma_2: float = DEFAULT_GAMMA,
+        shrink_times: int = DEFAULT_SHRINK_TIMES,
         delta: float | None = None,
         tukey_mode: str | None = None,
     ):
@@ -165,13 +173,13 @@ class MahalanobisHead(nn.Module):
                 stats.tukey_mode,
             )
         self.delta, self.tukey_mode = float(delta), tukey_mode
-        self.gamma1, self.gamma2, self.shrink_times = gamma1, gamma2, shrink_times
+        self.gamma_1, self.gamma_2, self.shrink_times = gamma_1, gamma_2, shrink_times
         self.num_classes, self.dim = stats.num_classes, stats.dim
 
         class_ids = stats.classes.clone()
         position_of = torch.full((stats.num_classes,), -1, dtype=torch.long)
         position_of[class_ids] = torch.arange(class_ids.numel())
-        p = precision_matrices(stats.covs[class_ids], gamma1, gamma2, shrink_times)
+        p = precision_matrices(stats.covs[class_ids], gamma_1, gamma_2, shrink_times)
         w = precision_factors(p)  # [K, d, r]
         means = F.normalize(stats.means[class_ids].to(torch.float64), dim=-1)
         k, d, r = w.shape
@@ -191,7 +199,7 @@ class MahalanobisHead(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"classes={self.class_ids.tolist()}, dim={self.dim}, delta={self.delta}, "
-            f"tukey_mode={self.tukey_mode!r}, gamma=({self.gamma1}, {self.gamma2}), "
+            f"tukey_mode={self.tukey_mode!r}, gamma=({self.gamma_1}, {self.gamma_2}), "
             f"shrink_times={self.shrink_times}"
         )
 
@@ -286,9 +294,9 @@ def direct_distances(
     features: Tensor,
     stats: ClassStats,
     *,
-    gamma1: float = 3.0,
-    gamma2: float = 3.0,
-    shrink_times: int = 2,
+    gamma_1: float = DEFAULT_GAMMA,
+    gamma_2: float = DEFAULT_GAMMA,
+    shrink_times: int = DEFAULT_SHRINK_TIMES,
     tukey_mode: str | None = None,
 ) -> Tensor:
     """Slow, obviously correct reference: ``(u − m_c)ᵀ P_c (u − m_c)`` by explicit loops.
@@ -297,7 +305,7 @@ def direct_distances(
     """
     mode = stats.tukey_mode if tukey_mode is None else tukey_mode
     ids = stats.classes
-    p = precision_matrices(stats.covs[ids], gamma1, gamma2, shrink_times)
+    p = precision_matrices(stats.covs[ids], gamma_1, gamma_2, shrink_times)
     f = features.detach().to("cpu", torch.float64)
     out = torch.empty(f.shape[0], ids.numel(), dtype=torch.float64)
     for i in range(f.shape[0]):

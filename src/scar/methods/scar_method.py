@@ -43,7 +43,12 @@ from scar.methods.base import (
     set_bn_train,
     stop_target,
 )
-from scar.methods.mahalanobis import ClassStats, MahalanobisHead
+from scar.methods.mahalanobis import (
+    DEFAULT_GAMMA,
+    DEFAULT_SHRINK_TIMES,
+    ClassStats,
+    MahalanobisHead,
+)
 from scar.methods.step_size import (
     calibrate_lr,
     random_label_gradients,
@@ -214,9 +219,10 @@ class SCAR(Method):
     lambda_2: float = 8.0
     temperature: float = 1.0
     delta: float = 0.5
-    gamma_1: float = 3.0
-    gamma_2: float = 3.0
-    shrink_times: int = 2  # the reference applies the shrinkage twice; 1 = the paper's text
+    gamma_1: float = DEFAULT_GAMMA
+    gamma_2: float = DEFAULT_GAMMA
+    # The reference applies the shrinkage twice; 1 = the paper's text.
+    shrink_times: int = DEFAULT_SHRINK_TIMES
     tukey_mode: str = "signed"  # sign(f)|f|^δ for negative features (ViT); same as f^δ if f ≥ 0
     surrogate_steps: int = 5  # the reference runs 6 (91 on TinyImageNet): its `n_batch_ret > 5`
     hr_gate: float = 0.8  # 0.4 for TinyImageNet in the reference
@@ -368,7 +374,7 @@ class SCAR(Method):
         return data.train_augment
 
     def build_head(self, stats: ClassStats, device: torch.device) -> MahalanobisHead:
-        head = MahalanobisHead(stats, gamma1=self.gamma_1, gamma2=self.gamma_2,
+        head = MahalanobisHead(stats, gamma_1=self.gamma_1, gamma_2=self.gamma_2,
                                shrink_times=self.shrink_times, delta=self.delta,
                                tukey_mode=self.tukey_mode)
         return head.to(device=device, dtype=torch.float32)
