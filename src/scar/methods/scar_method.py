@@ -481,10 +481,7 @@ class SCAR(Method):
         forget_labels = forget.labels.to(dev)
         sur_batches, teacher_target = self.surrogate_source(original, data, surrogate)
         divergence = DIVERGENCE_FNS[self.divergence]
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr or 0.0, betas=(0.9, self.beta2),
-                               weight_decay=self.weight_decay, **fused_if_supported(params))
-        self.lr_ = self.lr
+        params, opt = self.optimizer(model)
         revisit = round(self.revisit_share * self.batch_size) if data.scenario == "CR" else 0
         forget_batches = ForgetBatches(data, forget, targets, self.batch_size, revisit)
 
@@ -534,13 +531,7 @@ class SCAR(Method):
                         if self.forget_distill:
                             loss = loss + self.forget_distill * divergence(
                                 f_targets, logits, self.temperature)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        if self.lr_ is None:  # first step: the step size from the model
-                            self.lr_ = self.calibrate(model, original, params, surrogate, data)
-                            for group in opt.param_groups:
-                                group["lr"] = self.lr_
-                        opt.step()
+                        self.step(opt, loss, model, original, params, surrogate, data)
                         step += 1
 
                         # The step's own (pre-update) predictions refresh the running forget
@@ -599,6 +590,27 @@ class SCAR(Method):
                 targets.observe(b.idx, correct)
                 hits.append(correct)
         return float(torch.cat(hits).float().mean())
+
+    def optimizer(self, model: nn.Module) -> tuple[list[nn.Parameter], torch.optim.Adam]:
+        """(trainable parameters, Adam over them); lr 0 until the first step calibrates it when
+        ``lr`` is None."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.lr_ = self.lr
+        return params, torch.optim.Adam(params, lr=self.lr or 0.0, betas=(0.9, self.beta2),
+                                        weight_decay=self.weight_decay,
+                                        **fused_if_supported(params))
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, model: nn.Module,
+             original: nn.Module, params: list[nn.Parameter], surrogate: ImageSet,
+             data: UnlearnData) -> None:
+        """One optimiser step on ``loss``; the first one sets the step size from the model."""
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.lr_ is None:
+            self.lr_ = self.calibrate(model, original, params, surrogate, data)
+            for group in opt.param_groups:
+                group["lr"] = self.lr_
+        opt.step()
 
     def forward(self, student: FeatureModel, x_forget: torch.Tensor, x_surrogate: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -235,10 +235,7 @@ class SCARSelfForget(SCAR):
         loader = data.loader("surrogate", self.surrogate_batch_size or self.batch_size,
                              shuffle=True, seed_offset=1, augment=self.train_augment(data))
         divergence = DIVERGENCE_FNS[self.divergence]
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=self.lr or 0.0, betas=(0.9, self.beta2),
-                               weight_decay=self.weight_decay)
-        self.lr_ = self.lr
+        params, opt = self.optimizer(model)
         forget = data.forget if self.stop_on == "forget" else None
         checks = TargetCache(len(forget), data.device) if forget is not None else None
         self.stop_reason_, self.full_checks_, self.steps_, self.skipped_batches_ = \
@@ -261,13 +258,7 @@ class SCARSelfForget(SCAR):
                 loss_td = self.lambda_2 * divergence(t_kept, logits[keep], self.temperature) \
                     if bool(keep.any()) else torch.zeros((), device=data.device)
                 loss = loss_m + loss_td
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if self.lr_ is None:
-                    self.lr_ = self.calibrate(model, original, params, data.surrogate, data)
-                    for group in opt.param_groups:
-                        group["lr"] = self.lr_
-                opt.step()
+                self.step(opt, loss, model, original, params, data.surrogate, data)
                 self.steps_ += 1
                 hits = logits.detach()[~keep].argmax(1) == proxy_labels
                 batch_hits.append(hits)
