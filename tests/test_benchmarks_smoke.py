@@ -7,6 +7,7 @@ sizes, CPU, one thread, nothing recorded). Two scripts run at a time to stay wel
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -108,3 +109,26 @@ def test_logit_mask_runs_on_a_checkpoint(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("class ")]
     assert [ln.split(":")[0].strip() for ln in lines] == ["class 0", "class 3"]
     assert all("forget-test 0.00%" in ln for ln in lines)
+
+
+def test_panel_table_summarises_probe_rows(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("panel_table", BENCH / "panel_table.py")
+    panel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(panel)
+    row = {"original": "a.safetensors", "model": "fastcnn", "method": "scar", "hparams": {},
+           "seed": 0, "steps": 4, "a_or": 0.90, "retain_test": 0.89, "forget_test": 0.01,
+           "aus": 0.98, "forget": "class 1 seed 0",
+           "class_change": [-2.0, -90.0, 1.0]}
+    other = {**row, "seed": 1, "steps": 8, "retain_test": 0.87, "forget_test": 0.0, "aus": 0.97,
+             "forget": "class 1 seed 1", "class_change": [0.5, -95.0, -6.0]}
+    hr = {**row, "forget": "hr 0.1 seed 0"}  # random-removal rows are not in the CR table
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (row, other, hr)) + "\n")
+    rows = panel.read_rows([path])
+    assert len(rows) == 2
+    line = panel.summary_line(rows, "")
+    # drops 1 and 3 points; forget 1% and 0%; the removed class's -90/-95 is not a kept class
+    assert line[2:] == ["1", "0, 1", "+2.00 / +3.00", "0.50 / 1.00", "0.975 / 0.970",
+                        "-4.0 / -6.0", "6.0"]
+    assert panel.table(rows).count("\n") == 2  # header, rule, one group
