@@ -177,14 +177,15 @@ def test_dataset_options_travel_with_the_checkpoint(fake_fmnist_dir, tmp_path, c
     assert main(["-q", "train", *data, "--dataset-option", "channels=3", "--epochs", "1",
                  "--set", "batch_size=32", "--out", str(orig)]) == 0
     meta = json.loads(orig.with_suffix(".json").read_text())
-    assert meta["dataset_options"] == {"channels": 3}
+    assert meta["dataset_options"] == {"channels": 3, "train_subset": 0}
     assert meta["input_spec"]["channels"] == 3 and meta["model"]["channels"] == 3
     out = tmp_path / "u.safetensors"
     rc = main(["-q", "unlearn", "--checkpoint", str(orig), "--data-dir", str(fake_fmnist_dir),
                "--forget-class", "1", "--method", "negative_gradient", "--set", "epochs=1",
                "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
-    assert json.loads(out.with_suffix(".json").read_text())["dataset_options"] == {"channels": 3}
+    assert json.loads(out.with_suffix(".json").read_text())["dataset_options"] == {
+        "channels": 3, "train_subset": 0}
     report = tmp_path / "audit.json"
     assert main(["-q", "evaluate", "--checkpoint", str(out), "--data-dir", str(fake_fmnist_dir),
                  "--no-mia", "--out", str(report)]) == 0

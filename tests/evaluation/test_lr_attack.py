@@ -14,8 +14,8 @@ from scar.errors import ConfigError
 from scar.evaluation.lr_attack import (
     ATTACKS,
     AuditResult,
-    audit_separates,
     auc_score,
+    audit_separates,
     bootstrap_ci,
     lira_scores,
     rmia_scores,

@@ -476,7 +476,7 @@ def validate_grid(grid: Grid) -> None:
     )
     from scar.data.surrogates import SURROGATES
     from scar.models import MODELS
-    from scar.training.recipes import Recipe
+    from scar.training.recipes import recipe_from
 
     _check_scenario_keys(grid)
     _check_checkpoints(grid)
@@ -514,7 +514,7 @@ def validate_grid(grid: Grid) -> None:
                                                       entry.model_kwargs.items()
                                                       if k != "pretrained"})
         try:
-            Recipe().with_overrides(entry.train)  # unknown training options / bad types
+            recipe_from(None, entry.train)  # unknown training options / bad types
         except ConfigError as exc:
             raise ConfigError(f"grid key 'train' (model {entry.label}): {exc}") from exc
     if grid.surrogate is not None:
@@ -790,10 +790,12 @@ def _freeze_value(value: Any) -> Any:
 def default_model(dataset: str, train: Mapping[str, Any]) -> str | None:
     """The architecture the dataset's recipe trains when the grid names none (None when the
     recipe is only known after loading the dataset)."""
-    from scar.training.recipes import RECIPES
+    from scar.training.recipes import RECIPE_KEY, RECIPES
 
     if isinstance(train.get("model"), str):
         return train["model"]
+    if isinstance(train.get(RECIPE_KEY), str) and train[RECIPE_KEY] in RECIPES.names():
+        return RECIPES.get(train[RECIPE_KEY]).model
     for name in (dataset, dataset.split(":", 1)[0]):
         if name in RECIPES.names():
             return RECIPES.get(name).model
