@@ -275,7 +275,7 @@ class AuditResult:
             return None
         keys = list(_metric_fns())
         return cls(
-            attack=str(metrics.get(f"{prefix}/attack", "?")),
+            attack=str(metrics.get(f"{prefix}/attack", "likelihood-ratio")),
             values={k: float(metrics[f"{prefix}/{k}"]) for k in keys},
             ci={k: (float(metrics[f"{prefix}/{k}_lo"]), float(metrics[f"{prefix}/{k}_hi"]))
                 for k in keys},
