@@ -170,3 +170,34 @@ def test_cli_evaluate_with_audit(audit_original, fake_fmnist_dir, tmp_path, caps
     assert report["audit_note"] is None  # no --oracle: nothing to separate
     assert len(list((tmp_path / "refs").glob("*_reference*.safetensors"))) == 2
     assert "audit/auc" in capsys.readouterr().out
+
+
+def test_grid_with_audit(fake_fmnist_dir, tmp_path):
+    """A grid with 'audit': the original, retrain and method rows carry the audit; reference
+    models are cached with the other checkpoints and reused; run ids of grids without the key
+    are unchanged."""
+    from scar.experiments.grid import expand, load_grid
+    from scar.experiments.report import audit_separation_note, summarize
+    from scar.experiments.runner import CHECKPOINT_DIR, run_grid
+    from scar.experiments.store import ResultsStore
+
+    raw = {"dataset": "fashion-mnist", "data_dir": str(fake_fmnist_dir), "device": "cpu",
+           "dataset_options": {"train_subset": 40}, "model": "fastcnn", "model_kwargs": TINY,
+           "train": {"recipe": "audit", "epochs": 1, "batch_size": 8}, "scenario": "HR",
+           "forget_count": 6, "mia": False, "audit": "lira", "audit_references": 2,
+           "methods": {"negative_gradient": {"epochs": 1}}}
+    summary = run_grid(load_grid(raw), tmp_path, progress=False)
+    rows = ResultsStore(tmp_path).rows()
+    assert (summary.total, summary.ok) == (3, 3), [r["error"] for r in rows]
+    assert all(r["metrics"]["audit/attack"] == "lira" for r in rows)
+    refs = sorted((tmp_path / CHECKPOINT_DIR).glob("*_reference*.safetensors"))
+    assert len(refs) == 2
+    assert audit_separation_note(summarize(rows)).startswith("Membership audit: The lira")
+    without = {k: v for k, v in raw.items() if not k.startswith("audit")}
+    with_ids = {s.run_id for s in expand(load_grid(raw))}
+    assert not with_ids & {s.run_id for s in expand(load_grid(without))}
+    assert "audit" not in expand(load_grid(without))[0].to_dict()
+    with pytest.raises(ConfigError, match="grid key 'audit' must be one of"):
+        load_grid({**raw, "audit": "svm"})
+    with pytest.raises(ConfigError, match="must be even"):
+        load_grid({**raw, "audit_references": 3})

@@ -60,6 +60,9 @@ RMIA_A = 0.3
 RMIA_GAMMA = 1.0
 #: Below this many OUT models per example LiRA uses one global variance (Carlini et al., §VI-A).
 LIRA_PER_EXAMPLE_VARIANCE_MIN = 16
+#: Reference models trained by default: two complementary pairs (RMIA needs few; LiRA offline
+#: with a global variance works with them too).
+DEFAULT_REFERENCES = 4
 #: A separating attack: original − oracle AUC at least this, with disjoint CIs (issue 14).
 MIN_AUC_GAP = 0.1
 #: Probabilities are clipped to [eps, 1 − eps] before ratios (float64).

@@ -33,7 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from scar.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from scar.checkpoint import (
+    Checkpoint,
+    checkpoint_exists,
+    file_slug,
+    load_checkpoint,
+    save_checkpoint,
+)
 from scar.data.base import ImageSet
 from scar.data.datasets import (
     DatasetBundle,
@@ -44,9 +50,8 @@ from scar.data.datasets import (
 from scar.data.forget import Splits
 from scar.errors import CheckpointError, ConfigError
 from scar.evaluation.audit import MembershipAudit, reference_signals, split_loaders
-from scar.evaluation.lr_attack import ATTACKS
+from scar.evaluation.lr_attack import ATTACKS, DEFAULT_REFERENCES
 from scar.experiments.grid import stable_hash
-from scar.experiments.runner import _slug, checkpoint_exists
 from scar.models.base import build_model
 from scar.training.recipes import RECIPES, Recipe
 from scar.training.trainer import train_model
@@ -54,9 +59,6 @@ from scar.utils import device_name, resolve_device
 
 log = logging.getLogger(__name__)
 
-#: Reference models trained by default: two complementary pairs (RMIA needs few; LiRA offline
-#: with a global variance works with them too).
-DEFAULT_REFERENCES = 4
 #: Training seed of reference model i: REFERENCE_SEED_BASE * (seed + 1) + i (the cached
 #: originals use seed 0, so no reference model shares their initialisation or batch order).
 REFERENCE_SEED_BASE = 1000
@@ -146,7 +148,7 @@ def reference_key(pool: ReferencePool, ck: Checkpoint, recipe: Recipe, seed: int
 def reference_path(folder: str | Path, key: dict[str, Any]) -> Path:
     """``<folder>/<dataset>_<model>_reference<i>_<hash>.safetensors`` (the cached checkpoints'
     naming, :func:`~scar.experiments.runner.checkpoint_path`)."""
-    name = (f"{_slug(key['dataset'])}_{_slug(key['model']['name'])}_{ROLE}{key['index']}_"
+    name = (f"{file_slug(key['dataset'])}_{file_slug(key['model']['name'])}_{ROLE}{key['index']}_"
             f"{stable_hash(key, 10)}")
     return Path(folder) / f"{name}.safetensors"
 
