@@ -8,16 +8,16 @@ example x under a target model θ is computed from the target's and the OUT refe
 confidence in x's true label; nothing else about the models is used.
 
 The signal of one model on one example is the *logit-scaled confidence* of the true label,
-``φ = log p_y − log(1 − p_y) = z_y − logsumexp_{y' ≠ y} z_{y'}`` (LiRA, Carlini et al. 2022,
-§IV-A), computed from the logits so that it stays finite when ``p_y`` rounds to 1
+``φ = log p_y − log(1 − p_y) = z_y − logsumexp_{y' ≠ y} z_{y'}`` (LiRA's logit scaling, Carlini
+et al. 2022), computed from the logits so that it stays finite when ``p_y`` rounds to 1
 (:func:`true_label_logodds`); RMIA uses the probability ``p_y = sigmoid(φ)`` itself.
 
 - **RMIA** (Zarifzadeh, Liu, Chang, Shokri: "Low-Cost High-Power Membership Inference Attacks",
   ICML 2024), offline variant: ``LR(x, z) = (p_θ(x) / p(x)) / (p_θ(z) / p(z))`` and
-  ``score(x) = Pr_z[LR(x, z) ≥ γ]`` over population samples z (Eq. 3-4), with ``p(x)`` from the
-  OUT reference models rescaled as in the paper's offline approximation
-  ``p(x) = ½((1 + a)·p_OUT(x) + (1 − a))`` (§4, "offline"). As the authors' code
-  (privacy_meter) we apply the same rescaling to ``p(z)``. Defaults ``a = 0.3``, ``γ = 1``.
+  ``score(x) = Pr_z[LR(x, z) ≥ γ]`` over population samples z, with ``p(x)`` from the OUT
+  reference models rescaled as in the paper's offline approximation
+  ``p(x) = ½((1 + a)·p_OUT(x) + (1 − a))``. As the authors' code (privacy_meter) does, as far as
+  we know, we apply the same rescaling to ``p(z)``. Defaults ``a = 0.3``, ``γ = 1``.
 - **LiRA** (Carlini, Chien, Nasr, Song, Terzis, Tramèr: "Membership Inference Attacks From
   First Principles", IEEE S&P 2022), offline variant: the OUT reference models' φ(x) are fitted
   with a Gaussian ``N(μ_OUT(x), σ²)`` and the score is the one-sided ``Pr[Z < φ_θ(x)]``
@@ -55,10 +55,11 @@ FPR_LEVELS: tuple[float, ...] = (0.01, 0.001)
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
-#: RMIA's offline scaling ``a`` and threshold ``γ`` (Zarifzadeh et al. 2024, §4 and Eq. 4).
+#: RMIA's offline scaling ``a`` and threshold ``γ`` (Zarifzadeh et al. 2024, offline variant).
 RMIA_A = 0.3
 RMIA_GAMMA = 1.0
-#: Below this many OUT models per example LiRA uses one global variance (Carlini et al., §VI-A).
+#: Below this many OUT models per example LiRA uses one global variance (Carlini et al.'s
+#: "fixed variance" for few shadow models).
 LIRA_PER_EXAMPLE_VARIANCE_MIN = 16
 #: Reference models trained by default: two complementary pairs (RMIA needs few; LiRA offline
 #: with a global variance works with them too).
