@@ -212,7 +212,7 @@ def test_default_checkpoint_name_carries_the_dataset_options():
     [
         ("channels=x", "--dataset-option channels expects a int value; got 'x'"),
         ("channels", "--dataset-option expects key=value; got 'channels'"),
-        ("colour=1", "allowed options: ['channels']"),
+        ("colour=1", "allowed options: ['channels', 'train_subset']"),
         ("channels=2", "fashion-mnist option channels must be one of [1, 3]; got 2"),
     ],
 )
