@@ -177,14 +177,15 @@ def test_dataset_options_travel_with_the_checkpoint(fake_fmnist_dir, tmp_path, c
     assert main(["-q", "train", *data, "--dataset-option", "channels=3", "--epochs", "1",
                  "--set", "batch_size=32", "--out", str(orig)]) == 0
     meta = json.loads(orig.with_suffix(".json").read_text())
-    assert meta["dataset_options"] == {"channels": 3}
+    assert meta["dataset_options"] == {"channels": 3, "train_subset": 0}
     assert meta["input_spec"]["channels"] == 3 and meta["model"]["channels"] == 3
     out = tmp_path / "u.safetensors"
     rc = main(["-q", "unlearn", "--checkpoint", str(orig), "--data-dir", str(fake_fmnist_dir),
                "--forget-class", "1", "--method", "negative_gradient", "--set", "epochs=1",
                "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
-    assert json.loads(out.with_suffix(".json").read_text())["dataset_options"] == {"channels": 3}
+    assert json.loads(out.with_suffix(".json").read_text())["dataset_options"] == {
+        "channels": 3, "train_subset": 0}
     report = tmp_path / "audit.json"
     assert main(["-q", "evaluate", "--checkpoint", str(out), "--data-dir", str(fake_fmnist_dir),
                  "--no-mia", "--out", str(report)]) == 0
@@ -211,7 +212,7 @@ def test_default_checkpoint_name_carries_the_dataset_options():
     [
         ("channels=x", "--dataset-option channels expects a int value; got 'x'"),
         ("channels", "--dataset-option expects key=value; got 'channels'"),
-        ("colour=1", "allowed options: ['channels']"),
+        ("colour=1", "allowed options: ['channels', 'train_subset']"),
         ("channels=2", "fashion-mnist option channels must be one of [1, 3]; got 2"),
     ],
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,16 @@ class Checkpoint:
 
 def sidecar_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
+
+
+def checkpoint_exists(path: str | Path) -> bool:
+    """Whether a cached checkpoint is complete: weights and sidecar."""
+    return Path(path).exists() and sidecar_path(path).exists()
+
+
+def file_slug(text: str) -> str:
+    """``text`` as a file-name part of cached checkpoints (runs of other characters → ``_``)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
 def input_files(ck: Checkpoint) -> list[Path]:

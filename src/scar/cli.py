@@ -125,10 +125,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 def _registries() -> dict:
     from scar.data.datasets import DATASETS
     from scar.data.surrogates import SURROGATES
+    from scar.evaluation.lr_attack import ATTACKS
     from scar.models import MODELS
     from scar.training.recipes import RECIPES
 
-    regs = {"datasets": DATASETS, "models": MODELS, "surrogates": SURROGATES, "recipes": RECIPES}
+    regs = {"datasets": DATASETS, "models": MODELS, "surrogates": SURROGATES, "recipes": RECIPES,
+            "audits": ATTACKS}
     try:
         from scar.methods import METHODS
         from scar.methods.presets import PRESETS
@@ -302,8 +304,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
 
 SUMMARY_COLUMNS = {
-    "CR": ["acc/train_forget", "acc/test_forget", "acc/test_retain", "mia/auc", "aus"],
-    "HR": ["acc/train_forget", "acc/train_retain", "acc/test", "mia/auc", "aus"],
+    "CR": ["acc/train_forget", "acc/test_forget", "acc/test_retain", "mia/auc", "audit/auc",
+           "audit/tpr@1%", "aus"],
+    "HR": ["acc/train_forget", "acc/train_retain", "acc/test", "mia/auc", "audit/auc",
+           "audit/tpr@1%", "aus"],
 }
 
 
@@ -332,7 +336,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from scar.checkpoint import check_output, input_files, sidecar_path
     from scar.data.forget import ForgetSpec, make_splits, scenario_of
-    from scar.evaluation.audit import audit_models, mia_note
+    from scar.evaluation.audit import audit_models, audit_note, mia_note
     from scar.utils import atomic_write_json, resolve_device
 
     ck, bundle = open_checkpoint(args)
@@ -352,24 +356,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     splits = make_splits(bundle, spec)
     models = {}
     original_path = args.original or ck.meta.get("parent")
-    if original_path:
-        models["original"] = load_reference(original_path, ck, bundle, "--original").model
-    else:
-        models["original"] = ck.model
+    original = load_reference(original_path, ck, bundle, "--original") if original_path else ck
+    models["original"] = original.model
     if args.oracle:
         models["retrain"] = load_reference(args.oracle, ck, bundle, "--oracle").model
     models["evaluated"] = ck.model
     scenario = scenario_of(spec)
-    results, _ = audit_models(models, splits, ck.input_spec, scenario,
-                              device=resolve_device(args.device), mia=not args.no_mia,
-                              mia_variant=args.mia_variant)
+    device = resolve_device(args.device)
+    membership = None
+    if args.audit:
+        from scar.experiments.references import prepare_audit
+
+        folder = Path(args.references_dir) if args.references_dir else (
+            original.path.parent if original.path is not None else Path("checkpoints"))
+        membership = prepare_audit(original, bundle, splits, args.audit, folder,
+                                   count=args.references, device=device,
+                                   data_dir=args.data_dir, progress=not args.quiet)
+    results, _ = audit_models(models, splits, ck.input_spec, scenario, device=device,
+                              mia=not args.no_mia, mia_variant=args.mia_variant,
+                              audit=membership)
     report = {"checkpoint": str(args.checkpoint), "forget": spec.to_dict(),
               "scenario": scenario, "results": results, "mia_note": mia_note(results),
+              "audit_note": audit_note(results),
               "access": ck.meta.get("access"), "unlearn_seconds": ck.meta.get("unlearn_seconds"),
               "device_name": ck.meta.get("device_name")}
     print(format_summary(results, scenario))
-    if report["mia_note"]:
-        print(report["mia_note"])
+    for key in ("mia_note", "audit_note"):
+        if report[key]:
+            print(report[key])
     if ck.meta.get("access"):
         print(f"data access: {ck.meta['access']['profile']}")
     if args.out:
@@ -410,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="list registered datasets, models, methods, surrogates")
     p.add_argument("what", nargs="?", choices=["datasets", "models", "methods", "presets",
-                                                "surrogates", "recipes"])
+                                                "surrogates", "recipes", "audits"])
 
     p = sub.add_parser("train", help="train the original model, or the oracle with a forget spec")
     add_data_args(p)
@@ -485,6 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_forget_args(p)
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack")
     p.add_argument("--mia-variant", default="balanced", choices=["balanced", "reference"])
+    p.add_argument("--audit", default=None, metavar="ATTACK",
+                   help="also run a likelihood-ratio membership audit with reference models "
+                        "(see `scar list audits`: rmia, lira); the reference models are "
+                        "trained once like the original and cached")
+    p.add_argument("--references", type=int, default=4, metavar="K",
+                   help="number of reference models of --audit (even; default 4)")
+    p.add_argument("--references-dir", default=None, metavar="DIR",
+                   help="where reference models are cached (default: the original's folder)")
     p.add_argument("--out", default=None, help="write the JSON report here (else stdout)")
     add_data_args(p, dataset_default=None)
     add_own_checkpoint_args(p)

@@ -97,7 +97,8 @@ def test_grey_dataset_as_rgb(tmp_path, no_system_data, idx_files, name):
     idx_files.write_dir(tmp_path)
     grey = load_dataset(name, data_dir=tmp_path)
     rgb = load_dataset(name, data_dir=tmp_path, channels=3)
-    assert grey.options == {"channels": 1} and rgb.options == {"channels": 3}
+    assert grey.options == {"channels": 1, "train_subset": 0}
+    assert rgb.options == {"channels": 3, "train_subset": 0}
     assert rgb.train.images.shape == (6, 3, 28, 28) and rgb.test.images.shape == (4, 3, 28, 28)
     for split_rgb, split_grey in ((rgb.train, grey.train), (rgb.test, grey.test)):
         assert torch.equal(split_rgb.images, split_grey.images.expand(-1, 3, -1, -1))
@@ -117,7 +118,7 @@ def test_channels_option_names_the_bad_value_before_reading_files(no_system_data
 
 
 def test_rgb_datasets_take_no_channels_option():
-    with pytest.raises(ConfigError, match=r"\['channels'\].*allowed options: \(none\)"):
+    with pytest.raises(ConfigError, match=r"\['channels'\].*allowed options: \['train_subset'\]"):
         load_dataset("cifar10", channels=1)
 
 
@@ -127,8 +128,8 @@ def test_bundles_keep_their_options_with_defaults():
                          "channels": 1, "seed": 0}
     assert ds.full_options("synthetic", {"seed": 2}) == {**ds.option_defaults("synthetic"),
                                                           "seed": 2}
-    assert ds.option_defaults("fashion-mnist") == {"channels": 1}
-    assert ds.option_defaults("cifar10") == {}
+    assert ds.option_defaults("fashion-mnist") == {"channels": 1, "train_subset": 0}
+    assert ds.option_defaults("cifar10") == {"train_subset": 0}
 
 
 def test_missing_data_lists_every_location(tmp_path, no_system_data, monkeypatch):

@@ -274,8 +274,8 @@ def test_per_model_dataset_options_on_grey_images(fake_fmnist_dir, tmp_path):
     for side in (tmp_path / CHECKPOINT_DIR).glob("*.json"):
         meta = json.loads(side.read_text())
         sidecars[meta["model"]["name"]] = (meta["dataset_options"], meta["input_spec"]["channels"])
-    assert sidecars == {"fastcnn": ({"channels": 1}, 1),
-                        "tv:mobilenet_v3_small": ({"channels": 3}, 3)}
+    assert sidecars == {"fastcnn": ({"channels": 1, "train_subset": 0}, 1),
+                        "tv:mobilenet_v3_small": ({"channels": 3, "train_subset": 0}, 3)}
 
 
 def test_dry_run_columns_fit_long_model_names():

@@ -407,14 +407,46 @@ def _torchvision_split(name: str, root: Path, *, train: bool, download: bool):
 
 
 def load_torchvision_dataset(
-    name: str, data_dir: Path | None, download: bool, channels: int | None = None
+    name: str, data_dir: Path | None, download: bool, channels: int | None = None,
+    train_subset: int = 0,
 ) -> DatasetBundle:
     """A well-known dataset from its original files (or torchvision); ``channels=3`` repeats the
-    grey channel of MNIST-style datasets (for models that take RGB input only)."""
+    grey channel of MNIST-style datasets (for models that take RGB input only);
+    ``train_subset=n`` keeps n training images (:func:`train_subset_indices`; 0 = all)."""
     if channels is not None:
         check_channels(name, channels)
+    check_train_subset(name, train_subset)
     bundle = _read_torchvision_dataset(name, data_dir, download)
+    if train_subset:
+        if train_subset >= len(bundle.train):
+            raise ConfigError(
+                f"{name} option train_subset must be smaller than the training set "
+                f"({len(bundle.train)} images; 0 = all of them); got {train_subset}."
+            )
+        idx = train_subset_indices(len(bundle.train), train_subset)
+        bundle = DatasetBundle(bundle.info, bundle.train.subset(idx), bundle.test,
+                               dict(bundle.options))
     return bundle if channels is None else with_channels(bundle, channels)
+
+
+#: Seed of the ``train_subset`` option's permutation. Fixed, so that a subset of n images is the
+#: first n of one permutation and every larger subset starts with it, in the same order: the
+#: membership audit trains its reference models on halves of the subset twice as large
+#: (:mod:`scar.experiments.references`) and finds a model's training images at the same positions.
+TRAIN_SUBSET_SEED = 0
+
+
+def train_subset_indices(num_train: int, n: int) -> torch.Tensor:
+    """The training positions option ``train_subset=n`` keeps: the first n of a seeded random
+    permutation of ``num_train`` (in permutation order)."""
+    g = torch.Generator().manual_seed(TRAIN_SUBSET_SEED)
+    return torch.randperm(num_train, generator=g)[:n]
+
+
+def check_train_subset(name: str, train_subset: Any) -> None:
+    if type(train_subset) is not int or train_subset < 0:  # not True, not 5000.0
+        raise ConfigError(f"{name} option train_subset must be an integer >= 0 (0 = the whole "
+                          f"training set); got {train_subset!r}.")
 
 
 def check_channels(name: str, channels: Any) -> None:
@@ -472,17 +504,21 @@ def _register_torchvision(name: str) -> None:
     if k.channels == 1:
         # Grey datasets take ``channels`` (1, or 3 for RGB-only models such as tv:<name>).
         def loader(
-            *, data_dir: Path | None = None, download: bool = False, channels: int = k.channels
+            *, data_dir: Path | None = None, download: bool = False, channels: int = k.channels,
+            train_subset: int = 0,
         ) -> DatasetBundle:
-            return load_torchvision_dataset(name, data_dir, download, channels)
+            return load_torchvision_dataset(name, data_dir, download, channels, train_subset)
 
-        help_text = f"{k.title} (torchvision / original files; option channels=3 for RGB)"
+        help_text = (f"{k.title} (torchvision / original files; option channels=3 for RGB, "
+                     "train_subset=N for a seeded subset)")
     else:
 
-        def loader(*, data_dir: Path | None = None, download: bool = False) -> DatasetBundle:
-            return load_torchvision_dataset(name, data_dir, download)
+        def loader(*, data_dir: Path | None = None, download: bool = False,
+                   train_subset: int = 0) -> DatasetBundle:
+            return load_torchvision_dataset(name, data_dir, download,
+                                            train_subset=train_subset)
 
-        help_text = f"{k.title} (torchvision / original files)"
+        help_text = f"{k.title} (torchvision / original files; train_subset=N for a subset)"
     loader.__name__ = f"load_{name.replace('-', '_')}"
     DATASETS.register(name, help=help_text)(loader)
 

@@ -7,18 +7,30 @@ column names in results files and reports.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from scar.data.base import BatchLoader, InputSpec
 from scar.data.forget import Splits
+from scar.errors import ConfigError
 from scar.evaluation.aus import aus
+from scar.evaluation.lr_attack import (
+    ATTACKS,
+    MIN_AUC_GAP,
+    AuditResult,
+    audit_separates,
+    audit_values,
+    roc_metrics,
+    true_label_logodds,
+)
 from scar.evaluation.metrics import SPLITS, split_accuracies
-from scar.evaluation.mia import MIAResult, mia_cr, mia_hr, separation_note
-from scar.evaluation.outputs import Outputs, evaluate_splits
+from scar.evaluation.mia import MIAResult, describe_separation, mia_cr, mia_hr, separation_note
+from scar.evaluation.outputs import Outputs, compute_outputs, evaluate_splits
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +65,106 @@ def attack(outputs: Mapping[str, Outputs], scenario: str, *, variant: str = "bal
                   repeats=repeats)
 
 
+# ---------------------------------------------------------------- membership audit
+#: At most this many population samples z (RMIA) are drawn from the test images that are not
+#: non-member candidates.
+MAX_POPULATION = 2000
+
+
+@dataclass(frozen=True)
+class ReferenceSignals:
+    """Reference models' logit-scaled confidences φ (:func:`~scar.evaluation.lr_attack.
+    true_label_logodds`) on the two splits the audit reads, computed once per request."""
+
+    train_forget: np.ndarray  # [K, n_forget]
+    train_forget_out: np.ndarray  # bool [K, n_forget]: the reference model did not train on it
+    test: np.ndarray  # [K, n_test]; no reference model trains on a test image
+
+    @property
+    def count(self) -> int:
+        return int(self.train_forget.shape[0])
+
+
+@dataclass(frozen=True)
+class MembershipAudit:
+    """What :func:`model_metrics` needs for the audit: the attack's name and the references."""
+
+    attack: str
+    references: ReferenceSignals
+
+
+def reference_signals(models: Sequence[nn.Module], members: Sequence[np.ndarray | torch.Tensor],
+                      loaders: Mapping[str, BatchLoader], forget_indices: torch.Tensor
+                      ) -> ReferenceSignals:
+    """φ of each reference model on the train-forget and test splits. ``members[k]``: bool over
+    the target's training set, True where reference model k trained on that image;
+    ``forget_indices``: the train-forget images' positions in that training set."""
+    if len(models) != len(members) or not models:
+        raise ConfigError(f"the audit needs one membership mask per reference model; got "
+                          f"{len(models)} models and {len(members)} masks.")
+    phi: dict[str, list[np.ndarray]] = {"train_forget": [], "test": []}
+    for model in models:
+        for split in phi:
+            out = compute_outputs(model, loaders[split])
+            phi[split].append(true_label_logodds(out.logits, out.labels))
+    idx = torch.as_tensor(forget_indices, dtype=torch.long).numpy()
+    out_mask = np.stack([~np.asarray(m, dtype=bool)[idx] for m in members])
+    return ReferenceSignals(np.stack(phi["train_forget"]), out_mask, np.stack(phi["test"]))
+
+
+def membership_audit(outputs: Mapping[str, Outputs], scenario: str, audit: MembershipAudit, *,
+                     seed: int = 0) -> AuditResult:
+    """The likelihood-ratio audit of one model on already computed outputs.
+
+    Members: the train-forget images (the model under audit trained on them, or was asked to
+    forget them). Non-members: test images of the removed classes (CR) or of every class (HR),
+    as many as members (both groups subsampled to the smaller, seeded). Population samples z
+    (RMIA): up to :data:`MAX_POPULATION` of the other test images.
+    """
+    attack_fn = ATTACKS.get(audit.attack)
+    refs = audit.references
+    forget, test = outputs["train_forget"], outputs["test"]
+    if len(forget) != refs.train_forget.shape[1] or len(test) != refs.test.shape[1]:
+        raise ConfigError("the reference signals were computed on other splits than the model "
+                          f"under audit ({refs.train_forget.shape[1]} / {refs.test.shape[1]} vs "
+                          f"{len(forget)} / {len(test)} images).")
+    labels = test.labels.numpy()
+    if scenario == "CR":
+        candidates = np.flatnonzero(np.isin(labels, np.unique(forget.labels.numpy())))
+    else:
+        candidates = np.arange(len(test))
+    k = min(len(forget), len(candidates))
+    if k < 2:
+        raise ConfigError(f"the membership audit needs at least 2 members and 2 non-members; "
+                          f"got {len(forget)} and {len(candidates)}.")
+    rng = np.random.default_rng([seed, 14])
+    members = np.sort(rng.permutation(len(forget))[:k])
+    nonmembers = np.sort(rng.permutation(candidates)[:k])
+    rest = np.setdiff1d(np.arange(len(test)), candidates if scenario == "CR" else nonmembers)
+    population = np.sort(rng.permutation(rest)[:MAX_POPULATION])
+    phi_forget = true_label_logodds(forget.logits, forget.labels)
+    phi_test = true_label_logodds(test.logits, test.labels)
+    target_x = np.concatenate([phi_forget[members], phi_test[nonmembers]])
+    refs_x = np.concatenate([refs.train_forget[:, members], refs.test[:, nonmembers]], axis=1)
+    out_x = np.concatenate([refs.train_forget_out[:, members],
+                            np.ones((refs.count, k), dtype=bool)], axis=1)
+    scores = attack_fn(target_x, refs_x, out_x, phi_test[population], refs.test[:, population])
+    return roc_metrics(scores[:k], scores[k:], attack=audit.attack, n_references=refs.count,
+                       n_population=len(population), seed=seed)
+
+
 def model_metrics(model: nn.Module, loaders: Mapping[str, BatchLoader], scenario: str, *,
-                  mia: bool = True, mia_variant: str = "balanced", seed: int = 0
+                  mia: bool = True, mia_variant: str = "balanced", seed: int = 0,
+                  audit: MembershipAudit | None = None
                   ) -> tuple[dict[str, Any], dict[str, Outputs]]:
-    """Accuracies on every split (+ the MIA) of one model; outputs are kept for plots."""
+    """Accuracies on every split (+ the MIA, + the membership audit) of one model; outputs are
+    kept for plots."""
     outputs = evaluate_splits(model, loaders)
     metrics: dict[str, Any] = split_accuracies({k: v for k, v in outputs.items() if len(v)})
     if mia:
         metrics.update(attack(outputs, scenario, variant=mia_variant, seed=seed).to_metrics())
+    if audit is not None:
+        metrics.update(membership_audit(outputs, scenario, audit, seed=seed).to_metrics())
     return metrics, outputs
 
 
@@ -78,7 +182,8 @@ def original_reference(original_metrics: Mapping[str, Any], scenario: str) -> fl
 
 def audit_models(models: Mapping[str, nn.Module], splits: Splits, spec: InputSpec,
                  scenario: str, *, device: torch.device | str = "cpu", mia: bool = True,
-                 mia_variant: str = "balanced", seed: int = 0, original: str = "original"
+                 mia_variant: str = "balanced", seed: int = 0, original: str = "original",
+                 audit: MembershipAudit | None = None
                  ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Outputs]]]:
     """Metrics of several models on one forget request; ``models[original]`` gives A_or."""
     if original not in models:
@@ -89,7 +194,8 @@ def audit_models(models: Mapping[str, nn.Module], splits: Splits, spec: InputSpe
     for name, model in models.items():
         log.info("evaluating %s", name)
         results[name], outputs[name] = model_metrics(model.to(device), loaders, scenario, mia=mia,
-                                                     mia_variant=mia_variant, seed=seed)
+                                                     mia_variant=mia_variant, seed=seed,
+                                                     audit=audit)
     a_or = original_reference(results[original], scenario)
     for metrics in results.values():
         add_aus(metrics, a_or, scenario)
@@ -112,3 +218,16 @@ def _as_result(m: Mapping[str, Any]) -> MIAResult:
         chance_distance=m["mia/chance_dist"], n_members=int(m.get("mia/n_members", 0)),
         n_nonmembers=int(m.get("mia/n_nonmembers", 0)), variant=m.get("mia/variant", "balanced"),
     )
+
+
+def audit_note(results: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """Whether the membership audit separates the original from the oracle (None without the
+    audit of both)."""
+    if "original" not in results or "retrain" not in results:
+        return None
+    a, b = (AuditResult.from_metrics(dict(results[k])) for k in ("original", "retrain"))
+    if a is None or b is None:
+        return None
+    return describe_separation(f"{a.attack} membership audit", audit_values(a, b),
+                               audit_separates(a, b),
+                               f"it needs an AUC gap >= {MIN_AUC_GAP} with disjoint CIs")

@@ -311,12 +311,20 @@ def separation_note(original: MIAResult, oracle: MIAResult, margin: float = 0.05
         f"accuracy {original.accuracy:.3f} vs {oracle.accuracy:.3f}, "
         f"AUC {original.auc:.3f} vs {oracle.auc:.3f}"
     )
-    if attack_separates(original, oracle, margin):
+    return describe_separation(f"{original.variant} MIA", values,
+                               attack_separates(original, oracle, margin), f"gap <= {margin}")
+
+
+def describe_separation(attack: str, values: str, separates: bool, criterion: str) -> str:
+    """The one sentence every report prints about an attack (this module's MIA, or the
+    likelihood-ratio audit of :mod:`scar.evaluation.lr_attack`): whether it tells the original
+    model from the oracle. ``values``: the numbers compared; ``criterion``: why it does not."""
+    if separates:
         return (
-            f"The {original.variant} MIA separates the original model from the oracle ({values}); "
+            f"The {attack} separates the original model from the oracle ({values}); "
             "an unlearned model close to the oracle's values forgot in this sense."
         )
     return (
-        f"The {original.variant} MIA does NOT separate the original model from the oracle "
-        f"({values}; gap <= {margin}): its numbers cannot show whether forgetting happened."
+        f"The {attack} does NOT separate the original model from the oracle "
+        f"({values}; {criterion}): its numbers cannot show whether forgetting happened."
     )

@@ -24,6 +24,9 @@ Format (every key but ``dataset``, ``scenario`` and the forget amount is optiona
     surrogate_n: 5000          # number of surrogate images
     mia: true                  # run the membership-inference attack
     mia_variant: balanced      # balanced | reference (protocol.md)
+    audit: null                # rmia | lira: the likelihood-ratio membership audit with
+                               #   reference models (trained once, cached in checkpoints/)
+    audit_references: 4        # number of reference models of the audit (even)
     oracles: all               # all | none | the class entries (CR) / seeds (HR) that get one
     preset: null               # named hyperparameters of every method (`scar list presets`)
     checkpoint: null           # an existing original of the grid's one model instead of training
@@ -89,6 +92,7 @@ from typing import Any
 
 from scar.data.forget import SCENARIOS, ForgetSpec, validate_amount, validate_classes
 from scar.errors import ConfigError
+from scar.evaluation.lr_attack import DEFAULT_REFERENCES
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ GRID_KEYS: tuple[str, ...] = (
     "name", "dataset", "dataset_options", "model", "model_kwargs", "data_dir", "download",
     "device", "train", "scenario", "classes", "seeds", "forget_fraction", "forget_count",
     "surrogate", "surrogate_n", "mia", "mia_variant", "oracles", "preset", "methods",
-    "checkpoint",
+    "checkpoint", "audit", "audit_references",
 )  # fmt: skip
 #: Keys of a mapping entry of the ``model`` list.
 MODEL_ENTRY_KEYS: tuple[str, ...] = ("name", "dataset_options", "model_kwargs", "train",
@@ -160,6 +164,8 @@ class Grid:
     surrogate_n: int | None = None
     mia: bool = True
     mia_variant: str = "balanced"
+    audit: str | None = None  # the membership audit's attack (evaluation/lr_attack.py)
+    audit_references: int = DEFAULT_REFERENCES
     oracles: str | tuple = "all"  # "all", "none", or CR class groups / HR seeds
     preset: str | None = None  # of every method without its own 'preset' key
     methods: tuple[tuple[str, dict[str, Any]], ...] = ()  # a mapping may hold 'preset'
@@ -253,12 +259,30 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
         surrogate_n=_optional_int("surrogate_n", raw.get("surrogate_n"), low=1),
         mia=_bool("mia", raw.get("mia", True)),
         mia_variant=mia_variant,
+        **_audit(raw),
         oracles=_oracles(raw.get("oracles"), scenario),
         preset=_optional_str("preset", raw.get("preset")),
         methods=_methods(raw.get("methods")),
     )
     validate_grid(grid)
     return grid
+
+
+def _audit(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Grid keys 'audit' (an attack of :data:`~scar.evaluation.lr_attack.ATTACKS` or null) and
+    'audit_references' (an even integer >= 2)."""
+    from scar.evaluation.lr_attack import ATTACKS
+
+    audit = _optional_str("audit", raw.get("audit"))
+    if audit is not None and audit not in ATTACKS:
+        raise ConfigError(f"grid key 'audit' must be one of {ATTACKS.names()} or null; got "
+                          f"{audit!r}.")
+    count = _optional_int("audit_references", raw.get("audit_references"), low=2)
+    count = DEFAULT_REFERENCES if count is None else count
+    if count % 2:
+        raise ConfigError(f"grid key 'audit_references' must be even (reference models come in "
+                          f"complementary pairs); got {count}.")
+    return {"audit": audit, "audit_references": count}
 
 
 def check_keys(where: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -476,7 +500,7 @@ def validate_grid(grid: Grid) -> None:
     )
     from scar.data.surrogates import SURROGATES
     from scar.models import MODELS
-    from scar.training.recipes import Recipe
+    from scar.training.recipes import recipe_from
 
     _check_scenario_keys(grid)
     _check_checkpoints(grid)
@@ -514,7 +538,7 @@ def validate_grid(grid: Grid) -> None:
                                                       entry.model_kwargs.items()
                                                       if k != "pretrained"})
         try:
-            Recipe().with_overrides(entry.train)  # unknown training options / bad types
+            recipe_from(None, entry.train)  # unknown training options / bad types
         except ConfigError as exc:
             raise ConfigError(f"grid key 'train' (model {entry.label}): {exc}") from exc
     if grid.surrogate is not None:
@@ -703,6 +727,8 @@ class RunSpec:
     model_kwargs_items: Items = ()
     preset: str | None = None  # the preset the hyperparameters started from
     checkpoint: str | None = None  # an existing original (grid key 'checkpoint'); else trained
+    audit: str | None = None  # the membership audit's attack (grid key 'audit')
+    audit_references: int = DEFAULT_REFERENCES
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -731,7 +757,8 @@ class RunSpec:
     def request(self) -> tuple:
         """What the original / oracle checkpoints and the reference rows depend on."""
         return (self.dataset, self.dataset_options_items, self.model, self.model_kwargs_items,
-                self.train_items, self.forget, self.mia, self.mia_variant, self.checkpoint)
+                self.train_items, self.forget, self.mia, self.mia_variant, self.checkpoint,
+                self.audit, self.audit_references)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -753,6 +780,8 @@ class RunSpec:
             # what they were.
             **({"preset": self.preset} if self.preset is not None else {}),
             **({"checkpoint": self.checkpoint} if self.checkpoint is not None else {}),
+            **({"audit": self.audit, "audit_references": self.audit_references}
+               if self.audit is not None else {}),
         }
 
     @property
@@ -790,10 +819,12 @@ def _freeze_value(value: Any) -> Any:
 def default_model(dataset: str, train: Mapping[str, Any]) -> str | None:
     """The architecture the dataset's recipe trains when the grid names none (None when the
     recipe is only known after loading the dataset)."""
-    from scar.training.recipes import RECIPES
+    from scar.training.recipes import RECIPE_KEY, RECIPES
 
     if isinstance(train.get("model"), str):
         return train["model"]
+    if isinstance(train.get(RECIPE_KEY), str) and train[RECIPE_KEY] in RECIPES.names():
+        return RECIPES.get(train[RECIPE_KEY]).model
     for name in (dataset, dataset.split(":", 1)[0]):
         if name in RECIPES.names():
             return RECIPES.get(name).model
@@ -876,6 +907,7 @@ def expand(grid: Grid) -> list[RunSpec]:
                 "dataset_options_items": freeze(entry.dataset_options),
                 "model_kwargs_items": freeze(entry.model_kwargs),
                 "checkpoint": entry.checkpoint,
+                "audit": grid.audit, "audit_references": grid.audit_references,
             }
             for forget, seeds in forget_requests(grid, dataset, entry.dataset_options):
                 ref_seed = forget.seed if grid.scenario == "HR" else TRAIN_SEED

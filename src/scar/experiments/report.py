@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scar.errors import MissingDataError, ScarError
-from scar.evaluation.audit import AUS_KEYS
+from scar.evaluation.audit import AUS_KEYS, audit_note
 from scar.evaluation.aus import (
     AUS_ON_MEANS_LABEL,
     AUS_ON_MEANS_STD_LABEL,
@@ -89,6 +89,7 @@ class Column:
     header: str
     key: str  # a metric key, or one of the special keys below
     kind: str  # "pct" (accuracy → %), "score" (3 decimals), "time" (seconds), "text"
+    optional: bool = False  # shown only when some row of the table has the metric
 
 
 _AUS_MEANS = "__aus_on_means"
@@ -104,6 +105,10 @@ _HEAD_COLUMNS: tuple[Column, ...] = (
 _TAIL_COLUMNS: tuple[Column, ...] = (
     Column("MIA acc", "mia/acc", "score"),
     Column("MIA AUC", "mia/auc", "score"),
+    # The likelihood-ratio membership audit (grid key 'audit'; evaluation/lr_attack.py).
+    Column("audit AUC", "audit/auc", "score", optional=True),
+    Column("audit TPR@1%FPR", "audit/tpr@1%", "score", optional=True),
+    Column("audit TPR@0.1%FPR", "audit/tpr@0.1%", "score", optional=True),
     Column(AUS_ON_MEANS_LABEL, _AUS_MEANS, "score"),
     Column(AUS_ON_MEANS_STD_LABEL, _AUS_MEANS_STD, "score"),
     Column(AUS_PER_RUN_LABEL, _AUS_RUNS, "score"),
@@ -154,6 +159,7 @@ class GroupSummary:
     access_profile: str | None = None
     devices: tuple[str, ...] = ()
     mia_variant: str | None = None
+    audit_attack: str | None = None  # the membership audit's attack (rmia / lira), if any
 
     @property
     def table_key(self) -> tuple[str, str, str]:
@@ -304,9 +310,9 @@ def _metric_stats(runs: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
     return {k: mean_std(v) for k, v in sorted(values.items())}
 
 
-def _variant(runs: Sequence[Mapping[str, Any]]) -> str | None:
+def _variant(runs: Sequence[Mapping[str, Any]], key: str = "mia/variant") -> str | None:
     variants = sorted(
-        {str(m["mia/variant"]) for r in runs if "mia/variant" in (m := r.get("metrics") or {})}
+        {str(m[key]) for r in runs if key in (m := r.get("metrics") or {})}
     )
     return "/".join(variants) or None
 
@@ -334,6 +340,7 @@ def _summarize_group(
         access_profile=_first_profile(runs),
         devices=tuple(sorted({device_label(r) for r in runs})),
         mia_variant=_variant(runs),
+        audit_attack=_variant(runs, "audit/attack"),
     )
 
 
@@ -393,7 +400,8 @@ def _columns_for(groups: Sequence[GroupSummary]) -> tuple[Column, ...]:
         raise ValueError(
             f"one table holds one scenario of {sorted(TABLE_COLUMNS)}; got {scenarios}"
         )
-    return TABLE_COLUMNS[scenarios[0]]
+    return tuple(c for c in TABLE_COLUMNS[scenarios[0]]
+                 if not c.optional or any(c.key in g.stats for g in groups))
 
 
 def table_cells(groups: Sequence[GroupSummary]) -> tuple[list[str], list[list[str]]]:
@@ -482,6 +490,22 @@ def mia_separation_note(groups: Sequence[GroupSummary], margin: float = MIA_MARG
         f"the retrained one ({values}; gap <= {margin}) — its numbers cannot show whether "
         "forgetting happened."
     )
+
+
+def audit_separation_note(groups: Sequence[GroupSummary]) -> str | None:
+    """Whether the membership audit separates the original model from the retrained one
+    (:func:`~scar.evaluation.audit.audit_note` on the means over forget requests, CI bounds
+    averaged too); None when the table has no audit numbers for both."""
+    by_method = {g.method: g for g in groups}
+    pair = [by_method.get(ORIGINAL), by_method.get(RETRAIN)]
+    if any(g is None or "audit/auc" not in g.stats for g in pair):
+        return None
+    means = {name: {**{k: s.mean for k, s in g.stats.items() if k.startswith("audit/")},
+                    "audit/attack": g.audit_attack or "likelihood-ratio"}
+             for name, g in zip(("original", "retrain"), pair, strict=True)}
+    note = audit_note(means)
+    n = pair[0].n
+    return f"Membership audit: {note}" + (f" (means over {n} forget requests)" if n > 1 else "")
 
 
 def oracle_note(groups: Sequence[GroupSummary]) -> str | None:
@@ -657,6 +681,9 @@ def _md_table_section(
 ) -> list[str]:
     lines = [f"## {table_title(key)}", "", format_markdown_table(table), ""]
     lines.append(f"- {mia_separation_note(table)}")
+    audit = audit_separation_note(table)
+    if audit:
+        lines.append(f"- {audit}")
     oracles = oracle_note(table)
     if oracles:
         lines.append(f"- {oracles}")

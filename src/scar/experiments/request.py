@@ -24,7 +24,13 @@ from scar.checkpoint import Checkpoint
 from scar.data.base import ImageSet
 from scar.data.datasets import DatasetBundle
 from scar.data.forget import ForgetSpec, Splits, make_splits
-from scar.evaluation.audit import add_aus, model_metrics, original_reference, split_loaders
+from scar.evaluation.audit import (
+    MembershipAudit,
+    add_aus,
+    model_metrics,
+    original_reference,
+    split_loaders,
+)
 from scar.experiments.grid import configured_method
 from scar.experiments.unlearn import (
     UnlearnOutcome,
@@ -111,7 +117,8 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
                 data_dir: str | Path | None = None,
                 references: Mapping[str, nn.Module] | None = None,
                 a_or: float | None = None,
-                out: str | Path | None = None) -> RequestResult:
+                out: str | Path | None = None,
+                membership: MembershipAudit | None = None) -> RequestResult:
     """Unlearn ``request`` from ``ck`` (whose data is ``bundle``) and audit the result.
 
     ``surrogate(ck)``: the surrogate set, when the method uses one (default: loaded from the
@@ -120,6 +127,8 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
     accuracy the AUS is measured against, when known without auditing the original; with
     neither, the metrics carry no ``aus``.
     ``out``: where to save the unlearned checkpoint (nothing is saved without it).
+    ``membership``: the likelihood-ratio audit (:func:`~scar.experiments.references.
+    prepare_audit` on the same request) run on every audited model.
     """
     check_dataset_matches(ck, bundle)
     splits = make_splits(bundle, request.forget)
@@ -137,7 +146,8 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
 
     scenario = data.scenario
     loaders = split_loaders(splits, ck.input_spec, data.device)
-    audit = dict(mia=request.mia, mia_variant=request.mia_variant, seed=request.seed)
+    audit = dict(mia=request.mia, mia_variant=request.mia_variant, seed=request.seed,
+                 audit=membership)
     ref_metrics = {name: model_metrics(model.to(data.device), loaders, scenario, **audit)[0]
                    for name, model in (references or {}).items()}
     metrics, _ = model_metrics(outcome.model.to(data.device), loaders, scenario, **audit)

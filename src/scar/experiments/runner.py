@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
@@ -49,12 +48,13 @@ from typing import Any
 
 import torch
 
-from scar.checkpoint import Checkpoint, load_checkpoint, sidecar_path
+from scar.checkpoint import Checkpoint, checkpoint_exists, load_checkpoint
+from scar.checkpoint import file_slug as _slug
 from scar.data.base import ImageSet
 from scar.data.datasets import DatasetBundle, load_dataset
 from scar.data.forget import make_splits
 from scar.errors import ScarError
-from scar.evaluation.audit import add_aus, audit_models, original_reference
+from scar.evaluation.audit import MembershipAudit, add_aus, audit_models, original_reference
 from scar.experiments.executors import Executor, LocalExecutor, PipelinedExecutor, TaskLost
 from scar.experiments.grid import (
     REFERENCE_METHODS,
@@ -193,10 +193,6 @@ def log_failure(spec: RunSpec, exc: BaseException) -> None:
 
 
 # ---------------------------------------------------------------- checkpoints
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
-
-
 def checkpoint_path(run_dir: str | Path, spec: RunSpec, role: str) -> Path:
     """Cache path of the original (``role="original"``) or oracle checkpoint of ``spec``; the
     given original itself when the grid names one (key ``checkpoint``)."""
@@ -208,10 +204,6 @@ def checkpoint_path(run_dir: str | Path, spec: RunSpec, role: str) -> Path:
     tag = "original" if role == "original" else f"oracle-{spec.forget_id}"
     name = f"{_slug(spec.dataset)}_{_slug(spec.model or 'default')}_{tag}_{stable_hash(key, 10)}"
     return Path(run_dir) / CHECKPOINT_DIR / f"{name}.safetensors"
-
-
-def checkpoint_exists(path: str | Path) -> bool:
-    return Path(path).exists() and sidecar_path(path).exists()
 
 
 def train_checkpoint(task: TrainTask) -> dict[str, Any]:
@@ -274,7 +266,9 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
             {name: ck.model for name, ck in checkpoints.items()}, splits,
             checkpoints["original"].input_spec, original_spec.scenario, device=device,
             mia=original_spec.mia, mia_variant=original_spec.mia_variant,
-            seed=original_spec.seed)
+            seed=original_spec.seed,
+            audit=membership_audit(original_spec, checkpoints["original"], bundle, splits,
+                                   task.settings, device))
     except Exception as exc:  # noqa: BLE001 - becomes failed rows
         log_failure(original_spec, exc)
         rows = [make_row(s, error=exc, device=device) for s in task.specs]
@@ -293,6 +287,21 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
     return {"key": task.key, "rows": rows, "a_or": a_or}
 
 
+def membership_audit(spec: RunSpec, original: Checkpoint, bundle: DatasetBundle, splits,
+                     settings: Settings, device) -> MembershipAudit | None:
+    """The membership audit of the run (grid key 'audit'), or None: its reference models are
+    trained by the first task that needs them and cached with the other checkpoints (tasks
+    running at the same time may each train a missing one; the last write wins, whole)."""
+    if spec.audit is None:
+        return None
+    from scar.experiments.references import prepare_audit
+
+    return prepare_audit(original, bundle, splits, spec.audit,
+                         Path(settings.run_dir) / CHECKPOINT_DIR, count=spec.audit_references,
+                         seed=TRAIN_SEED, device=device, data_dir=settings.data_dir,
+                         progress=settings.progress)
+
+
 # ---------------------------------------------------------------- method runs
 def run_method(task: MethodTask) -> dict[str, Any]:
     """Unlearn with one method and evaluate the result (:func:`~scar.experiments.request.
@@ -303,10 +312,14 @@ def run_method(task: MethodTask) -> dict[str, Any]:
         device = resolve_device(settings.device)
         bundle = cached_dataset(spec, settings)
         ck = load_original(spec, task.original, bundle)
+        membership = None
+        if spec.audit is not None:
+            membership = membership_audit(spec, ck, bundle, make_splits(bundle, spec.forget),
+                                          settings, device)
         result = run_request(ck, bundle, request_of(spec), device=device,
                              progress=settings.progress,
                              surrogate=lambda ck: cached_surrogate(ck, spec, settings),
-                             a_or=task.a_or)
+                             a_or=task.a_or, membership=membership)
     except Exception as exc:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
         log_failure(spec, exc)
         return make_row(spec, error=exc, device=device)

@@ -258,6 +258,9 @@ def check_dataset_matches(ck: Checkpoint, bundle: DatasetBundle) -> None:
             f"{info.input_spec.channels}x{info.input_spec.size}px; {where} (set an option with "
             "--dataset-option KEY=VALUE, or dataset_options in a grid)."
         )
+    if recorded is not None and info.name == ck.dataset and bundle.options:
+        # A checkpoint written before an option existed records none for it: its default.
+        recorded = {**_defaults_of(ck.dataset), **recorded}
     if recorded is not None and info.name == ck.dataset and bundle.options \
             and bundle.options != recorded:
         differ = sorted(k for k in {*recorded, *bundle.options}
@@ -267,6 +270,15 @@ def check_dataset_matches(ck: Checkpoint, bundle: DatasetBundle) -> None:
             f"data was loaded with {bundle.options} (differing: {differ}); reload it with the "
             "recorded options."
         )
+
+
+def _defaults_of(dataset: str) -> dict[str, Any]:
+    from scar.data.datasets import option_defaults
+
+    try:
+        return option_defaults(dataset)
+    except ConfigError:  # a dataset no longer registered: compare what was recorded
+        return {}
 
 
 # ---------------------------------------------------------------- checkpoints trained elsewhere

@@ -15,7 +15,7 @@ from scar.data.forget import ForgetSpec, make_splits
 from scar.errors import ConfigError
 from scar.models.adapter import FeatureModel
 from scar.models.base import ModelSpec, build_model, check_input_fits
-from scar.training.recipes import RECIPES, Recipe
+from scar.training.recipes import Recipe, recipe_from
 from scar.training.trainer import train_model
 from scar.utils import device_name, resolve_device, seed_everything
 
@@ -45,7 +45,9 @@ class TrainJob:
 
 
 def resolve_recipe(bundle: DatasetBundle, overrides: dict[str, Any] | None) -> Recipe:
-    return RECIPES.get(bundle.info.recipe).with_overrides(overrides or {})
+    """The dataset's recipe, or the registered recipe named by the override ``recipe`` (e.g.
+    ``audit``), with the other overrides set over it."""
+    return recipe_from(bundle.info.recipe, overrides)
 
 
 def run_train_job(
