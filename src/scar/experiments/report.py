@@ -42,6 +42,7 @@ from scar.evaluation.mia import MIAResult, attack_separates
 from scar.experiments.labels import (  # noqa: F401 - public names of the report (older imports)
     ORIGINAL,
     RETRAIN,
+    class_names_of,
     method_labels,
     method_order,
     natural_key,
@@ -374,6 +375,8 @@ def format_stat(stat: Stat | None, kind: str) -> str:
 
 
 def cell(group: GroupSummary, column: Column) -> str:
+    if column.key == "time/unlearn_s" and group.method == ORIGINAL:
+        return DASH  # nothing was unlearned: no time, rather than "0.00 ± 0.00"
     if column.key == _RETAIN_FREE:
         return group.retain_free
     if column.key == _N:
@@ -718,12 +721,18 @@ def _table_plots(
 
     slug = table_slug(key)
     made: dict[str, Path] = {}
+    # One colour per method in every plot of the table.
+    colours = plots.method_colours([g.method for g in table])
     jobs = [
-        ("AUS vs time", f"{slug}_aus_vs_time.png", lambda p: plots.plot_aus_vs_time(table, p)),
+        (
+            "AUS vs time",
+            f"{slug}_aus_vs_time.png",
+            lambda p: plots.plot_aus_vs_time(table, p, colours),
+        ),
         (
             "forget vs retain accuracy",
             f"{slug}_forget_vs_retain.png",
-            lambda p: plots.plot_forget_vs_retain(table, p),
+            lambda p: plots.plot_forget_vs_retain(table, p, colours),
         ),
     ]
     if key[2] == "CR":
@@ -732,7 +741,7 @@ def _table_plots(
             (
                 "per removed class",
                 f"{slug}_per_class.png",
-                lambda p: plots.plot_per_class(table_rows, p),
+                lambda p: plots.plot_per_class(table_rows, p, colours),
             )
         )
     for title, name, fn in jobs:
@@ -742,14 +751,16 @@ def _table_plots(
     return made
 
 
-def _feature_plots(run_dir: Path, plot_dir: Path) -> dict[str, Path]:
+def _feature_plots(run_dir: Path, plot_dir: Path,
+                   class_names: Sequence[str] | None = None) -> dict[str, Path]:
     from scar.errors import ConfigError
     from scar.experiments import plots
 
     made: dict[str, Path] = {}
     for npz in sorted((run_dir / plots.FEATURES_SUBDIR).glob("*.npz")):
         try:
-            path = plots.plot_feature_projection(npz, plot_dir / f"features_{npz.stem}.png")
+            path = plots.plot_feature_projection(npz, plot_dir / f"features_{npz.stem}.png",
+                                                 class_names)
         except ConfigError as exc:
             log.warning("skipping feature snapshot %s: %s", npz, exc)
             continue
@@ -783,7 +794,9 @@ def build_report(
         made = _table_plots(key, table, rows, plot_dir)
         plot_links[key] = _relative(made, out)
         written.update({f"plot:{p.stem}": p for p in made.values()})
-    features = _feature_plots(run_dir, plot_dir)
+    datasets = {str(r.get("dataset")) for r in ok_rows(rows)}
+    names = class_names_of(datasets.pop()) if len(datasets) == 1 else None
+    features = _feature_plots(run_dir, plot_dir, names)
     written.update({f"plot:{p.stem}": p for p in features.values()})
     title = f"SCAR report: {run_dir.resolve().name}"
     texts = {

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,6 +66,7 @@ from scar.experiments.grid import (
     matches,
     stable_hash,
 )
+from scar.experiments.labels import removed_names
 from scar.experiments.request import UnlearnRequest, run_request
 from scar.experiments.store import ResultsStore
 from scar.experiments.unlearn import check_dataset_matches, given_checkpoint, load_surrogate_for
@@ -155,8 +156,10 @@ def describe(exc: BaseException) -> str:
 def make_row(spec: RunSpec, *, metrics: Mapping[str, Any] | None = None,
              error: BaseException | str | None = None, access: dict[str, Any] | None = None,
              device: torch.device | str | None = None, device_label: str | None = None,
-             info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One results row (schema in ``store.py``); status "failed" when ``error`` is given."""
+             info: Mapping[str, Any] | None = None,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """One results row (schema in ``store.py``); status "failed" when ``error`` is given.
+    ``class_names``: the dataset's, to record the removed classes' names (``forget_names``)."""
     d = spec.to_dict()
     if device_label is None and isinstance(device, torch.device):
         device_label = device_name(device)
@@ -183,6 +186,8 @@ def make_row(spec: RunSpec, *, metrics: Mapping[str, Any] | None = None,
         "surrogate": spec.surrogate,
         "surrogate_n": spec.surrogate_n,
         "info": dict(info or {}),
+        "forget_names": (removed_names(spec.forget.classes, class_names)
+                         if class_names and spec.forget.kind == "class" else None),
     }
 
 
@@ -280,7 +285,9 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
         rows = [make_row(s, error=exc, device=device) for s in task.specs]
         return {"key": task.key, "rows": rows, "a_or": None}
     results["original"]["time/unlearn_s"] = 0.0
-    rows = [make_row(original_spec, metrics=results["original"], device=device)]
+    names = bundle.info.class_names
+    rows = [make_row(original_spec, metrics=results["original"], device=device,
+                     class_names=names)]
     if task.oracle is not None:
         oracle = checkpoints["retrain"]
         results["retrain"]["time/unlearn_s"] = float(oracle.meta.get("train_seconds", math.nan))
@@ -288,7 +295,7 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
         rows.append(make_row(task.specs[1], metrics=results["retrain"],
                              access=oracle_access(oracle, len(splits.train_retain)),
                              device=oracle.meta.get("device"),
-                             device_label=oracle.meta.get("device_name")))
+                             device_label=oracle.meta.get("device_name"), class_names=names))
     a_or = original_reference(results["original"], original_spec.scenario)
     return {"key": task.key, "rows": rows, "a_or": a_or}
 
@@ -317,7 +324,7 @@ def run_method(task: MethodTask) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a missing plot must not lose the row
             log.warning("feature snapshot of %s failed: %s", spec.run_id, describe(exc))
     return make_row(spec, metrics=metrics, access=result.access, device=device,
-                    info=result.outcome.info)
+                    info=result.outcome.info, class_names=bundle.info.class_names)
 
 
 def request_of(spec: RunSpec) -> UnlearnRequest:
