@@ -283,14 +283,23 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     ck, bundle = open_checkpoint(args)
     dest = unlearned_path(args.out)
-    check_output([dest, sidecar_path(dest)], input_files(ck) + index_files(args))
+    page = report_path(args.report, dest, ".audit.html")
+    oracle_files = [Path(args.oracle), sidecar_path(args.oracle)] if args.oracle else []
+    check_output([dest, sidecar_path(dest)] + ([page] if page else []),
+                 input_files(ck) + index_files(args) + oracle_files)
+    references = {"original": ck.model}
+    oracle = None
+    if args.oracle:
+        oracle = load_reference(args.oracle, ck, bundle, "--oracle")
+        references["retrain"] = oracle.model
     request = UnlearnRequest(forget=forget_spec_from_args(args), method=args.method,
                              hparams=parse_sets(args.set), preset=args.preset,
                              surrogate=args.surrogate, surrogate_n=args.surrogate_n,
                              seed=args.seed, mia=args.mia)
-    result = run_request(ck, bundle, request, device=resolve_device(args.device),
+    device = resolve_device(args.device)
+    result = run_request(ck, bundle, request, device=device,
                          progress=not args.quiet, data_dir=args.data_dir,
-                         references={"original": ck.model}, out=Path(args.out))
+                         references=references, out=Path(args.out), keep_outputs=bool(page))
     preset = f" (preset {args.preset})" if args.preset else ""
     print(f"{result.method.name}{preset} on {result.splits.spec.describe()}: "
           f"{result.seconds:.1f}s on {result.data.device} "
@@ -298,7 +307,25 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     print(f"data access: {result.outcome.profile}")
     print(format_summary(result.results(), result.scenario))
     print(f"unlearned checkpoint: {result.saved}")
+    if page:
+        from scar.experiments import html_report as pages
+
+        images = pages.collect_plots(ck, result.model, result.splits, result.outputs,
+                                     bundle.info.class_names, device)
+        facts = pages.request_facts(result, bundle, retrain=oracle, images=images)
+        pages.write_page(page, pages.audit_page(facts))
+        print(f"audit page: {page}")
     return 0
+
+
+def report_path(flag: str | bool | None, beside: Path, suffix: str) -> Path | None:
+    """Where ``--report [PATH]`` writes its page: PATH, or ``beside`` with ``suffix`` in place of
+    its own (None without the flag)."""
+    if not flag:
+        return None
+    if isinstance(flag, str):
+        return Path(flag)
+    return beside.with_name(beside.name.split(".")[0] + suffix)
 
 
 SUMMARY_COLUMNS = {
@@ -336,11 +363,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from scar.utils import atomic_write_json, resolve_device
 
     ck, bundle = open_checkpoint(args)
-    if args.out:
+    page = report_path(args.report, Path(args.checkpoint), ".evaluate.html")
+    outputs = [Path(p) for p in (args.out, page) if p]
+    if outputs:
         inputs = input_files(ck) + index_files(args) + [
             p for ref in (args.original or ck.meta.get("parent"), args.oracle) if ref
             for p in (Path(ref), sidecar_path(ref))]
-        check_output([Path(args.out)], inputs)
+        check_output(outputs, inputs)
     spec = forget_spec_from_args(args)
     if spec is None:
         if not ck.meta.get("forget"):
@@ -350,19 +379,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         spec = ForgetSpec.from_dict(ck.meta["forget"])
     splits = make_splits(bundle, spec)
-    models = {}
+    references = {}
     original_path = args.original or ck.meta.get("parent")
     if original_path:
-        models["original"] = load_reference(original_path, ck, bundle, "--original").model
-    else:
-        models["original"] = ck.model
+        references["original"] = load_reference(original_path, ck, bundle, "--original")
     if args.oracle:
-        models["retrain"] = load_reference(args.oracle, ck, bundle, "--oracle").model
+        references["retrain"] = load_reference(args.oracle, ck, bundle, "--oracle")
+    models = {"original": references["original"].model if original_path else ck.model}
+    if args.oracle:
+        models["retrain"] = references["retrain"].model
     models["evaluated"] = ck.model
     scenario = scenario_of(spec)
-    results, _ = audit_models(models, splits, ck.input_spec, scenario,
-                              device=resolve_device(args.device), mia=not args.no_mia,
-                              mia_variant=args.mia_variant)
+    device = resolve_device(args.device)
+    results, outputs = audit_models(models, splits, ck.input_spec, scenario, device=device,
+                                    mia=not args.no_mia, mia_variant=args.mia_variant)
     report = {"checkpoint": str(args.checkpoint), "forget": spec.to_dict(),
               "scenario": scenario, "results": results, "mia_note": mia_note(results),
               "access": ck.meta.get("access"), "unlearn_seconds": ck.meta.get("unlearn_seconds"),
@@ -377,6 +407,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
     else:
         print(json.dumps(report, indent=2, default=str))
+    if page:
+        from scar.experiments import html_report as pages
+        from scar.utils import device_name
+
+        base = references.get("original") or ck
+        images = pages.collect_plots(base, ck.model, splits, outputs, bundle.info.class_names,
+                                     device, subject_name="evaluated")
+        facts = pages.checkpoint_facts(ck, bundle, splits, results, references=references,
+                                       device=f"{device_name(device)} ({device})",
+                                       images=images)
+        pages.write_page(page, pages.audit_page(facts))
+        print(f"audit page: {page}")
     return 0
 
 
@@ -465,6 +507,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, e.g. --set lambda_2=5 --set stats=retain")
     p.add_argument("--mia", action="store_true", help="also run the membership-inference attack")
+    p.add_argument("--oracle", default=None,
+                   help="retrained checkpoint (without the forget set) to audit alongside")
+    p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
+                   help="also write a self-contained HTML audit page (default: next to the "
+                        "unlearned checkpoint, NAME.audit.html)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors) or folder")
     add_data_args(p, dataset_default=None)
@@ -486,6 +533,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack")
     p.add_argument("--mia-variant", default="balanced", choices=["balanced", "reference"])
     p.add_argument("--out", default=None, help="write the JSON report here (else stdout)")
+    p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
+                   help="also write a self-contained HTML audit page (default: next to the "
+                        "checkpoint, NAME.evaluate.html)")
     add_data_args(p, dataset_default=None)
     add_own_checkpoint_args(p)
     add_device_args(p)

@@ -345,14 +345,18 @@ def _scatter_panel(
     classes: np.ndarray,
     title: str,
     class_names: Sequence[str] | None = None,
+    marked: np.ndarray | None = None,
+    marked_as: str = "removed",
 ) -> None:
-    is_removed = np.isin(labels, removed)
+    is_removed = np.isin(labels, removed) if marked is None else marked
 
     def name(c: Any) -> str:
         return removed_names([int(c)], class_names)[0] if class_names else f"class {c}"
 
     for i, c in enumerate(classes):
         kept = (labels == c) & ~is_removed
+        if not kept.any():
+            continue
         ax.scatter(
             xy[kept, 0],
             xy[kept, 1],
@@ -373,7 +377,7 @@ def _scatter_panel(
                 color=_colour(i, len(classes)),
                 edgecolors="black",
                 linewidths=0.6,
-                label=f"{name(c)} (removed)",
+                label=f"{name(c)} ({marked_as})",
             )
     ax.set_title(title)
     ax.set_xlabel("PC 1")
@@ -382,25 +386,29 @@ def _scatter_panel(
 
 def feature_projection_figure(before: np.ndarray, after: np.ndarray, labels: np.ndarray,
                               removed: np.ndarray, title: str,
-                              class_names: Sequence[str] | None = None) -> Figure | None:
+                              class_names: Sequence[str] | None = None,
+                              marked: np.ndarray | None = None) -> Figure | None:
     """Features before and after unlearning side by side, projected on one shared 2-D PCA basis
     (fitted on both sets together, so the axes are comparable); points coloured by class (named
-    when ``class_names`` is given), the removed classes drawn as black-edged crosses. None when
-    there are fewer than 3 points or 2 dimensions."""
+    when ``class_names`` is given), the removed classes drawn as black-edged crosses (or, with
+    a boolean ``marked`` per point, those points: e.g. the forget set of a random removal).
+    None when there are fewer than 3 points or 2 dimensions."""
     if before.shape[0] < 3 or before.shape[1] < 2:
         _skip("feature projection", f"{title}: {before.shape[0]} points of {before.shape[1]} "
               "dims; need >= 3 points and >= 2 dims")
         return None
     idx = _subset(before.shape[0])
     before, after, labels = before[idx], after[idx], labels[idx]
+    marks = dict(marked=None if marked is None else np.asarray(marked, dtype=bool)[idx],
+                 marked_as="removed" if marked is None else "forget set")
     mean, basis = pca_2d(np.concatenate([before, after]))
     classes = np.unique(labels)
     fig = _figure(WIDE_FIGSIZE)
     axes = fig.subplots(1, 2, sharex=True, sharey=True)
     _scatter_panel(axes[0], (before - mean) @ basis, labels, removed, classes,
-                   "before unlearning (original)", class_names)
+                   "before unlearning (original)", class_names, **marks)
     _scatter_panel(axes[1], (after - mean) @ basis, labels, removed, classes, "after unlearning",
-                   class_names)
+                   class_names, **marks)
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), markerscale=2)
     fig.suptitle(title)
     fig.tight_layout()

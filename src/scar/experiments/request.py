@@ -25,6 +25,7 @@ from scar.data.base import ImageSet
 from scar.data.datasets import DatasetBundle
 from scar.data.forget import ForgetSpec, Splits, make_splits
 from scar.evaluation.audit import add_aus, model_metrics, original_reference, split_loaders
+from scar.evaluation.outputs import Outputs
 from scar.experiments.grid import configured_method
 from scar.experiments.unlearn import (
     UnlearnOutcome,
@@ -72,6 +73,9 @@ class RequestResult:
     #: Metrics of the reference models audited alongside (e.g. ``{"original": {...}}``).
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
     saved: Path | None = None
+    #: Outputs (logits, labels) per model (the references', then ``"unlearned"``) per split,
+    #: kept when :func:`run_request` is asked to (``keep_outputs``; the audit page's plots).
+    outputs: dict[str, dict[str, Outputs]] = field(default_factory=dict)
 
     @property
     def method(self) -> Method:
@@ -111,7 +115,8 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
                 data_dir: str | Path | None = None,
                 references: Mapping[str, nn.Module] | None = None,
                 a_or: float | None = None,
-                out: str | Path | None = None) -> RequestResult:
+                out: str | Path | None = None,
+                keep_outputs: bool = False) -> RequestResult:
     """Unlearn ``request`` from ``ck`` (whose data is ``bundle``) and audit the result.
 
     ``surrogate(ck)``: the surrogate set, when the method uses one (default: loaded from the
@@ -120,6 +125,7 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
     accuracy the AUS is measured against, when known without auditing the original; with
     neither, the metrics carry no ``aus``.
     ``out``: where to save the unlearned checkpoint (nothing is saved without it).
+    ``keep_outputs``: keep every audited model's outputs per split in the result.
     """
     check_dataset_matches(ck, bundle)
     splits = make_splits(bundle, request.forget)
@@ -138,9 +144,14 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
     scenario = data.scenario
     loaders = split_loaders(splits, ck.input_spec, data.device)
     audit = dict(mia=request.mia, mia_variant=request.mia_variant, seed=request.seed)
-    ref_metrics = {name: model_metrics(model.to(data.device), loaders, scenario, **audit)[0]
-                   for name, model in (references or {}).items()}
-    metrics, _ = model_metrics(outcome.model.to(data.device), loaders, scenario, **audit)
+    ref_metrics: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, dict[str, Outputs]] = {}
+    for name, model in (references or {}).items():
+        ref_metrics[name], outputs[name] = model_metrics(model.to(data.device), loaders,
+                                                         scenario, **audit)
+        model.cpu()
+    metrics, outputs["unlearned"] = model_metrics(outcome.model.to(data.device), loaders,
+                                                  scenario, **audit)
     outcome.model.cpu()
     if a_or is None and "original" in ref_metrics:
         a_or = original_reference(ref_metrics["original"], scenario)
@@ -152,4 +163,23 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
         saved = save_unlearned(out, outcome, ck, splits, data, metrics,
                                dataset_options=bundle.options, preset=request.preset)
     return RequestResult(request=request, checkpoint=ck, splits=splits, data=data,
-                         outcome=outcome, metrics=metrics, references=ref_metrics, saved=saved)
+                         outcome=outcome, metrics=metrics, references=ref_metrics, saved=saved,
+                         outputs=outputs if keep_outputs else {})
+
+
+@torch.no_grad()
+def feature_pair(ck: Checkpoint, unlearned: nn.Module, images: ImageSet,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (classifier-head inputs) of the same ``images`` under the original model of
+    ``ck`` and under ``unlearned``, in order: the before / after of a feature projection."""
+    from scar.data.base import BatchLoader
+    from scar.models.adapter import FeatureModel
+
+    feats = []
+    for model in (ck.model, unlearned):
+        fm = FeatureModel(model.to(device).eval(), head=ck.model_spec.head)
+        feats.append(torch.cat([fm(b.x)[0].cpu() for b in
+                                BatchLoader(images, ck.input_spec, batch_size=1000,
+                                            device=device)]))
+        model.cpu()
+    return feats[0], feats[1]

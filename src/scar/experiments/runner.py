@@ -67,7 +67,7 @@ from scar.experiments.grid import (
     stable_hash,
 )
 from scar.experiments.labels import removed_names
-from scar.experiments.request import UnlearnRequest, run_request
+from scar.experiments.request import UnlearnRequest, feature_pair, run_request
 from scar.experiments.store import ResultsStore
 from scar.experiments.unlearn import check_dataset_matches, given_checkpoint, load_surrogate_for
 from scar.utils import atomic_write_json, device_name, resolve_device, versions
@@ -341,27 +341,18 @@ SNAPSHOT_METHODS = ("scar", "scar_self_forget")
 SNAPSHOT_IMAGES = 600
 
 
-@torch.no_grad()
 def snapshot_features(ck: Checkpoint, unlearned: torch.nn.Module, splits, spec: RunSpec,
                       run_dir: str, device) -> None:
     """Features of the same test images under the original and the unlearned model."""
-    from scar.data.base import BatchLoader
     from scar.experiments.snapshots import feature_snapshot_path, save_feature_snapshot
-    from scar.models.adapter import FeatureModel
 
     test = splits.test
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(test), generator=g)[:SNAPSHOT_IMAGES].sort().values
     subset = test.subset(idx)
-    feats = {}
-    for name, model in (("before", ck.model), ("after", unlearned)):
-        fm = FeatureModel(model.to(device).eval(), head=ck.model_spec.head)
-        feats[name] = torch.cat([fm(b.x)[0].cpu() for b in
-                                 BatchLoader(subset, ck.input_spec, batch_size=600,
-                                             device=device)])
+    before, after = feature_pair(ck, unlearned, subset, device)
     save_feature_snapshot(feature_snapshot_path(run_dir, spec.method, spec.forget_id),
-                          feats["before"], feats["after"], subset.labels,
-                          list(splits.removed_classes),
+                          before, after, subset.labels, list(splits.removed_classes),
                           title=f"{spec.method}, {spec.forget.describe()}")
 
 
