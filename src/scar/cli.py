@@ -308,12 +308,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     print(format_summary(result.results(), result.scenario))
     print(f"unlearned checkpoint: {result.saved}")
     if page:
-        from scar.experiments import html_report as pages
+        from scar.experiments.html_report import write_request_page
 
-        images = pages.collect_plots(ck, result.model, result.splits, result.outputs,
-                                     bundle.info.class_names, device)
-        facts = pages.request_facts(result, bundle, retrain=oracle, images=images)
-        pages.write_page(page, pages.audit_page(facts))
+        write_request_page(page, result, bundle, retrain=oracle, device=device)
         print(f"audit page: {page}")
     return 0
 
@@ -408,16 +405,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:
         print(json.dumps(report, indent=2, default=str))
     if page:
-        from scar.experiments import html_report as pages
-        from scar.utils import device_name
+        from scar.experiments.html_report import write_checkpoint_page
 
-        base = references.get("original") or ck
-        images = pages.collect_plots(base, ck.model, splits, outputs, bundle.info.class_names,
-                                     device, subject_name="evaluated")
-        facts = pages.checkpoint_facts(ck, bundle, splits, results, references=references,
-                                       device=f"{device_name(device)} ({device})",
-                                       images=images)
-        pages.write_page(page, pages.audit_page(facts))
+        write_checkpoint_page(page, ck, bundle, splits, results, outputs,
+                              references=references, device=device)
         print(f"audit page: {page}")
     return 0
 

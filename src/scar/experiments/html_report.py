@@ -486,3 +486,30 @@ def write_page(path: str | Path, text: str) -> Path:
     atomic_write_text(path, text)
     log.info("wrote %s", path)
     return path
+
+
+def write_request_page(path: str | Path, result: Any, bundle: Any, *, retrain: Any = None,
+                       device: Any = "cpu") -> Path:
+    """The audit page of a :func:`~scar.experiments.request.run_request` result (run with
+    ``keep_outputs=True``), written to ``path``: ``scar unlearn --report``."""
+    images = collect_plots(result.checkpoint, result.model, result.splits, result.outputs,
+                           bundle.info.class_names, device)
+    facts = request_facts(result, bundle, retrain=retrain, images=images)
+    return write_page(path, audit_page(facts))
+
+
+def write_checkpoint_page(path: str | Path, ck: Any, bundle: Any, splits: Any,
+                          results: Mapping[str, Any], outputs: Mapping[str, Any], *,
+                          references: Mapping[str, Any], device: Any = "cpu") -> Path:
+    """The audit page of ``scar evaluate --report``: checkpoint ``ck`` audited (``results``,
+    ``outputs`` of :func:`~scar.evaluation.audit.audit_models`, the evaluated model under
+    ``"evaluated"``) against ``references`` (role → Checkpoint)."""
+    from scar.utils import device_name, resolve_device
+
+    base = references.get(ORIGINAL) or ck
+    images = collect_plots(base, ck.model, splits, outputs, bundle.info.class_names, device,
+                           subject_name="evaluated")
+    dev = resolve_device(device)
+    facts = checkpoint_facts(ck, bundle, splits, results, references=references,
+                             device=f"{device_name(dev)} ({dev})", images=images)
+    return write_page(path, audit_page(facts))
