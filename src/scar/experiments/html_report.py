@@ -243,7 +243,7 @@ def verdict(results: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int],
     kept = results.get(ORIGINAL, {}).get(keys["a_t"])
     if kept is not None and subject != ORIGINAL:
         parts.append(f"{kept_split} accuracy {100 * a_t:.2f}% vs the original's "
-                     f"{100 * kept:.2f}% ({100 * (kept - a_t):+.2f} points lost)")
+                     f"{100 * kept:.2f}% ({100 * (a_t - kept):+.2f} points)")
     return "Verdict: " + "; ".join(parts) + "."
 
 
@@ -264,9 +264,9 @@ def audit_page(facts: AuditFacts) -> str:
                      "AUS against the original's accuracy.</p>",
                      table_html(acc_header, acc_rows)),
         section_html("Membership-inference audit",
-                     "<p>Mean ± sample std over the attack's repetitions.</p>"
-                     + (table_html(mia_header, mia_rows) if mia_rows else
-                        "<p>Not run (no MIA numbers).</p>")
+                     ("<p>Mean ± sample std over the attack's repetitions.</p>"
+                      + table_html(mia_header, mia_rows) if mia_rows else
+                      "<p>Not run (no MIA numbers).</p>")
                      + (f"<p>{esc(note)}</p>" if note else "")),
         section_html("Checkpoints", table_html(["role", "file", "sha256"], facts.checkpoints)),
         section_html("Method", table_html(["", ""], facts.method)),
