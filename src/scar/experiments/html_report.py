@@ -25,15 +25,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scar.evaluation.audit import AUS_KEYS, SPLIT_NAMES, mia_note
-from scar.experiments.labels import ORIGINAL, RETRAIN, removed_names
+from scar.experiments.labels import DASH, ORIGINAL, RETRAIN, removed_names
 from scar.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from scar.checkpoint import Checkpoint
+    from scar.data.base import ImageSet
+    from scar.data.datasets import DatasetBundle
+    from scar.data.forget import Splits
+    from scar.evaluation.outputs import Outputs
+    from scar.experiments.request import RequestResult
 
 log = logging.getLogger(__name__)
 
-DASH = "—"
 #: z of the two-sided 95% interval shown next to every accuracy.
 Z95 = 1.96
 #: At most this many test images per group (forget, retain) in the audit page's projection.
@@ -297,7 +306,7 @@ def file_sha256(path: str | Path | None) -> str:
     return sha256(path)
 
 
-def removed_rows(splits: Any, class_names: Sequence[str] | None) -> list[tuple[str, str]]:
+def removed_rows(splits: Splits, class_names: Sequence[str] | None) -> list[tuple[str, str]]:
     """What a forget request removed: class names (CR), or the forget set's size and hash."""
     spec = splits.spec
     rows = [("request", spec.describe())]
@@ -332,7 +341,7 @@ def environment_rows(versions: Mapping[str, Any], device: str,
     return rows
 
 
-def dataset_rows(bundle: Any) -> list[tuple[str, str]]:
+def dataset_rows(bundle: DatasetBundle) -> list[tuple[str, str]]:
     info = bundle.info
     return [("name", info.name), ("loader options", str(dict(bundle.options) or DASH)),
             ("classes", str(info.num_classes)),
@@ -340,7 +349,7 @@ def dataset_rows(bundle: Any) -> list[tuple[str, str]]:
             ("hash", "not computed (SCAR records no dataset hash)")]
 
 
-def per_class_accuracies(outputs: Mapping[str, Mapping[str, Any]], num_classes: int,
+def per_class_accuracies(outputs: Mapping[str, Mapping[str, Outputs]], num_classes: int,
                          split: str = "test") -> dict[str, Any]:
     from scar.evaluation.metrics import per_class_accuracy
 
@@ -348,12 +357,12 @@ def per_class_accuracies(outputs: Mapping[str, Mapping[str, Any]], num_classes: 
             for name, outs in outputs.items() if split in outs and len(outs[split])}
 
 
-def projection_images(splits: Any) -> Any:
+def projection_images(splits: Splits) -> list[ImageSet]:
     """At most :data:`PROJECTION_IMAGES` forget and as many kept images (seeded sample): the
     forget test images (CR) or the forget set (HR), and the retain test images."""
     import torch
 
-    def sample(images: Any) -> Any:
+    def sample(images: ImageSet) -> ImageSet:
         g = torch.Generator().manual_seed(0)
         idx = torch.randperm(len(images), generator=g)[:PROJECTION_IMAGES].sort().values
         return images.subset(idx)
@@ -362,8 +371,9 @@ def projection_images(splits: Any) -> Any:
     return [sample(s) for s in (forget, splits.test_retain) if len(s)]
 
 
-def collect_plots(ck: Any, subject: Any, splits: Any, outputs: Mapping[str, Mapping[str, Any]],
-                  class_names: Sequence[str], device: Any, subject_name: str = "unlearned"
+def collect_plots(ck: Checkpoint, subject: nn.Module, splits: Splits,
+                  outputs: Mapping[str, Mapping[str, Outputs]], class_names: Sequence[str],
+                  device: Any, subject_name: str = "unlearned"
                   ) -> dict[str, bytes]:
     """The per-class accuracy plot (from the audit's outputs: no extra pass) and the 2-D PCA of
     the penultimate features of forget and retain test images, original vs ``subject``."""
@@ -408,11 +418,12 @@ def _info_text(info: Mapping[str, Any]) -> str:
     return ", ".join(f"{k.rstrip('_')}={v}" for k, v in sorted(info.items())) or DASH
 
 
-def split_sizes(splits: Any) -> dict[str, int]:
+def split_sizes(splits: Splits) -> dict[str, int]:
     return {name: len(getattr(splits, name)) for name in SPLIT_NAMES}
 
 
-def request_facts(result: Any, bundle: Any, *, retrain: Any = None,
+def request_facts(result: RequestResult, bundle: DatasetBundle, *,
+                  retrain: Checkpoint | None = None,
                   images: Mapping[str, bytes] | None = None) -> AuditFacts:
     """The audit facts of ``scar unlearn``'s :class:`~scar.experiments.request.RequestResult`
     (``retrain``: the oracle's :class:`~scar.checkpoint.Checkpoint`, when one was given)."""
@@ -441,8 +452,9 @@ def request_facts(result: Any, bundle: Any, *, retrain: Any = None,
         images=dict(images or {}))
 
 
-def checkpoint_facts(ck: Any, bundle: Any, splits: Any, results: Mapping[str, Any], *,
-                     references: Mapping[str, Any], device: str, subject: str = "evaluated",
+def checkpoint_facts(ck: Checkpoint, bundle: DatasetBundle, splits: Splits,
+                     results: Mapping[str, Any], *, references: Mapping[str, Checkpoint],
+                     device: str, subject: str = "evaluated",
                      images: Mapping[str, bytes] | None = None) -> AuditFacts:
     """The audit facts of ``scar evaluate``: checkpoint ``ck`` (method, hyperparameters and
     data access from its sidecar) audited against ``references`` (role → Checkpoint)."""
@@ -474,7 +486,7 @@ def checkpoint_facts(ck: Any, bundle: Any, splits: Any, results: Mapping[str, An
         images=dict(images or {}))
 
 
-def _scenario(splits: Any) -> str:
+def _scenario(splits: Splits) -> str:
     from scar.data.forget import scenario_of
 
     return scenario_of(splits.spec)
@@ -488,8 +500,8 @@ def write_page(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_request_page(path: str | Path, result: Any, bundle: Any, *, retrain: Any = None,
-                       device: Any = "cpu") -> Path:
+def write_request_page(path: str | Path, result: RequestResult, bundle: DatasetBundle, *,
+                       retrain: Checkpoint | None = None, device: Any = "cpu") -> Path:
     """The audit page of a :func:`~scar.experiments.request.run_request` result (run with
     ``keep_outputs=True``), written to ``path``: ``scar unlearn --report``."""
     images = collect_plots(result.checkpoint, result.model, result.splits, result.outputs,
@@ -498,9 +510,10 @@ def write_request_page(path: str | Path, result: Any, bundle: Any, *, retrain: A
     return write_page(path, audit_page(facts))
 
 
-def write_checkpoint_page(path: str | Path, ck: Any, bundle: Any, splits: Any,
-                          results: Mapping[str, Any], outputs: Mapping[str, Any], *,
-                          references: Mapping[str, Any], device: Any = "cpu") -> Path:
+def write_checkpoint_page(path: str | Path, ck: Checkpoint, bundle: DatasetBundle,
+                          splits: Splits, results: Mapping[str, Any],
+                          outputs: Mapping[str, Mapping[str, Outputs]], *,
+                          references: Mapping[str, Checkpoint], device: Any = "cpu") -> Path:
     """The audit page of ``scar evaluate --report``: checkpoint ``ck`` audited (``results``,
     ``outputs`` of :func:`~scar.evaluation.audit.audit_models`, the evaluated model under
     ``"evaluated"``) against ``references`` (role → Checkpoint)."""

@@ -13,6 +13,8 @@ from typing import Any
 #: The reference rows of every forget request (methods of those names are not unlearning runs).
 ORIGINAL = "original"
 RETRAIN = "retrain"
+#: An empty cell: no value, or none that means anything (the original's unlearning time).
+DASH = "—"
 
 
 def natural_key(text: Any) -> tuple:

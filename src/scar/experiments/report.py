@@ -40,6 +40,7 @@ from scar.evaluation.aus import (
 )
 from scar.evaluation.mia import MIAResult, attack_separates
 from scar.experiments.labels import (  # noqa: F401 - public names of the report (older imports)
+    DASH,
     ORIGINAL,
     RETRAIN,
     class_names_of,
@@ -65,7 +66,6 @@ DEFAULT_OUT_SUBDIR = "report"
 PLOTS_SUBDIR = "plots"
 #: Original vs retrain MIA gap (accuracy or AUC) below which the attack "does not separate".
 MIA_MARGIN = 0.05
-DASH = "—"
 
 #: Metric keys in the order used for CSV columns; other numeric keys follow, sorted.
 KNOWN_METRICS: tuple[str, ...] = (
