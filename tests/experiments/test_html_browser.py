@@ -64,7 +64,7 @@ def load(browser, page_path: Path) -> dict:
     page = browser.new_page(viewport={"width": 1200, "height": 900})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
-            if m.type in ("error", "warning") else None)
+            if m.type == "error" else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("requestfailed", lambda r: problems.append(f"failed request: {r.url} {r.failure}"))
     uri = page_path.resolve().as_uri()
@@ -187,3 +187,16 @@ def test_grid_report_html_in_a_browser(browser, grid_report):
         else:
             times = [r["metrics"]["time/unlearn_s"] for r in mine]
             assert time.split(" ± ")[0] == f"{math.fsum(times) / len(times):.2f}"
+
+
+def test_the_browser_check_sees_broken_pages(browser, tmp_path):
+    """The harness itself: a console error, a missing image and an outside request are caught."""
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"><title>x</title></head>'
+                    '<body><img src="missing.png" alt="gone"><img src="http://127.0.0.1:9/x.png"'
+                    ' alt="far"><script>console.error("boom")</script></body></html>')
+    seen = load(browser, page)
+    text = "\n".join(seen["problems"])
+    assert "console error: boom" in text and "missing.png" in text and "127.0.0.1" in text
+    with pytest.raises(AssertionError):
+        check_page(seen, min_images=1)
