@@ -312,3 +312,24 @@ def test_train_with_the_reference_preset_uses_the_paper_recipe(tmp_path, capsys)
     assert (recipe["batch_size"], recipe["weight_decay"], recipe["label_smoothing"],
             recipe["schedule"], recipe["crop_padding"], recipe["hflip"]) == \
         (256, 5e-5, 0.4, "cosine", 4, True)
+
+
+def test_unlearn_and_evaluate_write_audit_pages(trained, tmp_path, capsys):
+    out = tmp_path / "u.safetensors"
+    assert main(["-q", "unlearn", "--checkpoint", str(trained), "--forget-class", "1",
+                 "--surrogate", "gaussian-noise", "--surrogate-n", "128", "--set", "epochs=1",
+                 "--set", "batch_size=64", "--out", str(out), "--report"]) == 0
+    page = tmp_path / "u.audit.html"
+    assert f"audit page: {page}" in capsys.readouterr().out
+    text = page.read_text()
+    assert text.startswith("<!DOCTYPE html>") and "Verdict:" in text
+    assert "no retrained model was given" in text and text.count("data:image/png;base64,") == 2
+    chosen = tmp_path / "pages" / "eval.html"
+    assert main(["-q", "evaluate", "--checkpoint", str(out), "--no-mia", "--oracle",
+                 str(trained), "--report", str(chosen)]) == 0
+    text = chosen.read_text()
+    assert "retrained model&#x27;s 95% band" in text and ">evaluated<" in text
+    # --report never overwrites an input
+    assert main(["-q", "evaluate", "--checkpoint", str(out), "--no-mia", "--report",
+                 str(trained)]) == 2
+    assert "is an input of this command" in capsys.readouterr().err

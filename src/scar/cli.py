@@ -285,14 +285,23 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     ck, bundle = open_checkpoint(args)
     dest = unlearned_path(args.out)
-    check_output([dest, sidecar_path(dest)], input_files(ck) + index_files(args))
+    page = report_path(args.report, dest, ".audit.html")
+    oracle_files = [Path(args.oracle), sidecar_path(args.oracle)] if args.oracle else []
+    check_output([dest, sidecar_path(dest)] + ([page] if page else []),
+                 input_files(ck) + index_files(args) + oracle_files)
+    references = {"original": ck.model}
+    oracle = None
+    if args.oracle:
+        oracle = load_reference(args.oracle, ck, bundle, "--oracle")
+        references["retrain"] = oracle.model
     request = UnlearnRequest(forget=forget_spec_from_args(args), method=args.method,
                              hparams=parse_sets(args.set), preset=args.preset,
                              surrogate=args.surrogate, surrogate_n=args.surrogate_n,
                              seed=args.seed, mia=args.mia)
-    result = run_request(ck, bundle, request, device=resolve_device(args.device),
+    device = resolve_device(args.device)
+    result = run_request(ck, bundle, request, device=device,
                          progress=not args.quiet, data_dir=args.data_dir,
-                         references={"original": ck.model}, out=Path(args.out))
+                         references=references, out=Path(args.out), keep_outputs=bool(page))
     preset = f" (preset {args.preset})" if args.preset else ""
     print(f"{result.method.name}{preset} on {result.splits.spec.describe()}: "
           f"{result.seconds:.1f}s on {result.data.device} "
@@ -300,7 +309,22 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     print(f"data access: {result.outcome.profile}")
     print(format_summary(result.results(), result.scenario))
     print(f"unlearned checkpoint: {result.saved}")
+    if page:
+        from scar.experiments.html_report import write_request_page
+
+        write_request_page(page, result, bundle, retrain=oracle, device=device)
+        print(f"audit page: {page}")
     return 0
+
+
+def report_path(flag: str | bool | None, beside: Path, suffix: str) -> Path | None:
+    """Where ``--report [PATH]`` writes its page: PATH, or ``beside`` with ``suffix`` in place of
+    its own (None without the flag)."""
+    if not flag:
+        return None
+    if isinstance(flag, str):
+        return Path(flag)
+    return beside.with_name(beside.name.split(".")[0] + suffix)
 
 
 SUMMARY_COLUMNS = {
@@ -340,11 +364,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from scar.utils import atomic_write_json, resolve_device
 
     ck, bundle = open_checkpoint(args)
-    if args.out:
+    page = report_path(args.report, Path(args.checkpoint), ".evaluate.html")
+    written = [Path(p) for p in (args.out, page) if p]
+    if written:
         inputs = input_files(ck) + index_files(args) + [
             p for ref in (args.original or ck.meta.get("parent"), args.oracle) if ref
             for p in (Path(ref), sidecar_path(ref))]
-        check_output([Path(args.out)], inputs)
+        check_output(written, inputs)
     spec = forget_spec_from_args(args)
     if spec is None:
         if not ck.meta.get("forget"):
@@ -354,12 +380,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             )
         spec = ForgetSpec.from_dict(ck.meta["forget"])
     splits = make_splits(bundle, spec)
-    models = {}
+    references = {}
     original_path = args.original or ck.meta.get("parent")
-    original = load_reference(original_path, ck, bundle, "--original") if original_path else ck
-    models["original"] = original.model
+    if original_path:
+        references["original"] = load_reference(original_path, ck, bundle, "--original")
     if args.oracle:
-        models["retrain"] = load_reference(args.oracle, ck, bundle, "--oracle").model
+        references["retrain"] = load_reference(args.oracle, ck, bundle, "--oracle")
+    models = {"original": references["original"].model if original_path else ck.model}
+    if args.oracle:
+        models["retrain"] = references["retrain"].model
     models["evaluated"] = ck.model
     scenario = scenario_of(spec)
     device = resolve_device(args.device)
@@ -367,14 +396,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.audit:
         from scar.experiments.references import prepare_audit
 
+        original = references.get("original", ck)
         folder = Path(args.references_dir) if args.references_dir else (
             original.path.parent if original.path is not None else Path("checkpoints"))
         membership = prepare_audit(original, bundle, splits, args.audit, folder,
                                    count=args.references, device=device,
                                    data_dir=args.data_dir, progress=not args.quiet)
-    results, _ = audit_models(models, splits, ck.input_spec, scenario, device=device,
-                              mia=not args.no_mia, mia_variant=args.mia_variant,
-                              audit=membership)
+    results, outputs = audit_models(models, splits, ck.input_spec, scenario, device=device,
+                                    mia=not args.no_mia, mia_variant=args.mia_variant,
+                                    audit=membership)
     report = {"checkpoint": str(args.checkpoint), "forget": spec.to_dict(),
               "scenario": scenario, "results": results, "mia_note": mia_note(results),
               "audit_note": audit_note(results),
@@ -391,6 +421,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}")
     else:
         print(json.dumps(report, indent=2, default=str))
+    if page:
+        from scar.experiments.html_report import write_checkpoint_page
+
+        write_checkpoint_page(page, ck, bundle, splits, results, outputs,
+                              references=references, device=device)
+        print(f"audit page: {page}")
     return 0
 
 
@@ -479,6 +515,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="method hyperparameter, e.g. --set lambda_2=5 --set stats=retain")
     p.add_argument("--mia", action="store_true", help="also run the membership-inference attack")
+    p.add_argument("--oracle", default=None,
+                   help="retrained checkpoint (without the forget set) to audit alongside")
+    p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
+                   help="also write a self-contained HTML audit page (default: next to the "
+                        "unlearned checkpoint, NAME.audit.html)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors) or folder")
     add_data_args(p, dataset_default=None)
@@ -508,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--references-dir", default=None, metavar="DIR",
                    help="where reference models are cached (default: the original's folder)")
     p.add_argument("--out", default=None, help="write the JSON report here (else stdout)")
+    p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
+                   help="also write a self-contained HTML audit page (default: next to the "
+                        "checkpoint, NAME.evaluate.html)")
     add_data_args(p, dataset_default=None)
     add_own_checkpoint_args(p)
     add_device_args(p)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,14 +242,52 @@ def test_a_preset_is_named_in_the_row_label(tmp_path):
                      "scar [preset=reference, lambda_2=8]"]
 
 
-def test_label_offsets_move_only_labels_that_would_overlap():
-    # scar and duck at nearly the same (time, AUS); retrain and NG far away (the CR grid).
-    names = ["scar", "duck", "retrain", "negative_gradient"]
-    xs, ys = [5.87, 5.83, 137.0, 0.81], [0.984, 0.987, 1.005, 0.876]
-    offsets = plots.label_offsets(xs, ys, names, log_x=True)
-    assert offsets[0] == offsets[2] == offsets[3] == (6.0, 6.0)
-    assert offsets[1] != (6.0, 6.0)  # duck's label moved off scar's
-    assert plots.label_offsets([1.0], [1.0], ["a"]) == [(6.0, 6.0)]  # one point: no range
+def test_one_colour_per_method_in_every_plot(run_dir, tmp_path, monkeypatch):
+    """The AUS-vs-time, forget-vs-retain and per-class plots of a table draw each method in the
+    colour of plots.method_colours (AUS vs time leaves the original out; the colours must not
+    shift), and name the points in a legend, not in text labels that can overlap."""
+    drawn: dict[str, dict[str, str]] = {}
+    texts: dict[str, int] = {}
+    save = plots._save
+
+    def spy(fig, path):
+        from matplotlib.colors import to_hex
+
+        ax = fig.axes[0]
+        handles, names = ax.get_legend_handles_labels()
+        colours = {}
+        for handle, name in zip(handles, names):
+            artist = handle[0] if isinstance(handle, tuple) else handle
+            getter = getattr(artist, "get_color", None) or artist.get_facecolor  # a bar
+            colours[name] = to_hex(getter())
+        drawn[Path(path).stem] = colours
+        texts[Path(path).stem] = len(ax.texts)
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    write_report(run_dir, tmp_path / "out")
+    groups = summarize(load_rows(run_dir))
+    expected = plots.method_colours([g.method for g in groups])
+    assert len(set(expected.values())) == len(expected)  # distinct colours
+    assert expected["original"] == plots.REFERENCE_COLOURS["original"]
+    assert sorted(stem.split("_CR_")[-1] for stem in drawn) == [
+        "aus_vs_time", "forget_vs_retain", "per_class"]
+    for stem, colours in drawn.items():
+        assert colours, stem
+        assert all(colours[m] == expected[m] for m in colours), (stem, colours, expected)
+        assert texts[stem] == 0, stem  # no annotations: the legend names the points
+    per_class = next(c for s, c in drawn.items() if s.endswith("per_class"))
+    assert "original" in per_class  # before: the original's bars
+    assert "scar" in next(c for s, c in drawn.items() if s.endswith("aus_vs_time"))
+
+
+def test_method_colours_do_not_depend_on_which_methods_a_plot_draws():
+    labels = ["original", "retrain", "scar", "finetune", "negative_gradient"]
+    full = plots.method_colours(labels)
+    assert full["finetune"] == plots.method_colours(labels)["finetune"]
+    assert full["original"] == "#7f7f7f" and full["retrain"] == "#000000"
+    # Reference rows keep their colours and the methods keep theirs without the references.
+    assert plots.method_colours(labels[2:]) == {m: full[m] for m in labels[2:]}
 
 
 def test_plots_skip_without_data(tmp_path):

@@ -1,5 +1,6 @@
 """How results rows are named in tables and plots: the row label of a method run, the order
-of methods (original and retrain first) and the natural sort of forget ids. Shared by
+of methods (original and retrain first), the natural sort of forget ids and the class names of
+a class-removal request. Shared by
 :mod:`scar.experiments.report` and :mod:`scar.experiments.plots` (which draw from the same rows)."""
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import Any
 #: The reference rows of every forget request (methods of those names are not unlearning runs).
 ORIGINAL = "original"
 RETRAIN = "retrain"
+#: An empty cell: no value, or none that means anything (the original's unlearning time).
+DASH = "—"
 
 
 def natural_key(text: Any) -> tuple:
@@ -68,3 +71,31 @@ def method_order(labels: Sequence[str]) -> list[str]:
             seen.append(label)
     head = [m for m in (ORIGINAL, RETRAIN) if m in seen]
     return head + [m for m in seen if m not in head]
+
+
+def class_names_of(dataset: str) -> tuple[str, ...] | None:
+    """The class names of a well-known dataset without loading it (None: not known statically;
+    a dataset that reads its names from its files, an image folder, synthetic data)."""
+    from scar.data.datasets import KNOWN_DATASETS
+
+    known = KNOWN_DATASETS.get(str(dataset))
+    return known.class_names if known is not None else None
+
+
+def removed_names(classes: Sequence[int], names: Sequence[str] | None) -> list[str]:
+    """Names of the removed ``classes`` (``class K`` where no name is known)."""
+    return [str(names[c]) if names is not None and 0 <= c < len(names) else f"class {c}"
+            for c in classes]
+
+
+def forget_label(row: Mapping[str, Any]) -> str:
+    """How a row's forget request reads in a plot or table: the removed classes' names (the
+    row's ``forget_names``, else the dataset's known names), else its forget id."""
+    forget = row.get("forget") or {}
+    classes = forget.get("classes") if forget.get("kind") == "class" else None
+    if not classes:
+        return str(row.get("forget_id"))
+    names = row.get("forget_names")
+    if names and len(names) == len(classes):
+        return " + ".join(map(str, names))
+    return " + ".join(removed_names([int(c) for c in classes], class_names_of(row.get("dataset"))))

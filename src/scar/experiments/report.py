@@ -40,8 +40,10 @@ from scar.evaluation.aus import (
 )
 from scar.evaluation.mia import MIAResult, attack_separates
 from scar.experiments.labels import (  # noqa: F401 - public names of the report (older imports)
+    DASH,
     ORIGINAL,
     RETRAIN,
+    class_names_of,
     method_labels,
     method_order,
     natural_key,
@@ -64,7 +66,6 @@ DEFAULT_OUT_SUBDIR = "report"
 PLOTS_SUBDIR = "plots"
 #: Original vs retrain MIA gap (accuracy or AUC) below which the attack "does not separate".
 MIA_MARGIN = 0.05
-DASH = "—"
 
 #: Metric keys in the order used for CSV columns; other numeric keys follow, sorted.
 KNOWN_METRICS: tuple[str, ...] = (
@@ -381,6 +382,8 @@ def format_stat(stat: Stat | None, kind: str) -> str:
 
 
 def cell(group: GroupSummary, column: Column) -> str:
+    if column.key == "time/unlearn_s" and group.method == ORIGINAL:
+        return DASH  # nothing was unlearned: no time, rather than "0.00 ± 0.00"
     if column.key == _RETAIN_FREE:
         return group.retain_free
     if column.key == _N:
@@ -680,18 +683,7 @@ def _md_table_section(
     key: tuple[str, str, str], table: Sequence[GroupSummary], plots: Mapping[str, str]
 ) -> list[str]:
     lines = [f"## {table_title(key)}", "", format_markdown_table(table), ""]
-    lines.append(f"- {mia_separation_note(table)}")
-    audit = audit_separation_note(table)
-    if audit:
-        lines.append(f"- {audit}")
-    oracles = oracle_note(table)
-    if oracles:
-        lines.append(f"- {oracles}")
-    lines.append(f"- {device_note(table)}")
-    lines.append(
-        f"- Accuracies in %, mean ± sample std over the forget requests "
-        f"({'classes' if key[2] == 'CR' else 'seeds'}); n = runs."
-    )
+    lines += [f"- {note}" for note in table_notes(key, table)]
     access = access_notes(table)
     if access:
         lines += ["", "Data access per method (first run):", ""]
@@ -711,19 +703,8 @@ def format_markdown(
     extra_plots: Mapping[str, str] | None = None,
 ) -> str:
     """The whole report.md (pure: same inputs → same text)."""
-    good, bad = ok_rows(rows), failed_rows(rows)
-    lines = [
-        f"# {title}",
-        "",
-        f"Built from {len(good) + len(bad)} result rows: {len(good)} ok, {len(bad)} failed"
-        + (f"; {skipped_lines} unreadable line(s) skipped." if skipped_lines else "."),
-        f"{AUS_ON_MEANS_LABEL}: AUS of the across-run mean accuracies (A_or from the "
-        f"original model of each forget request), ± propagated standard error. "
-        f"{AUS_ON_MEANS_STD_LABEL}: the same AUS ± the propagated sample std of the runs "
-        "(the reference code's error bar). "
-        f"{AUS_PER_RUN_LABEL}: each run's AUS, then mean ± sample std.",
-        "",
-    ]
+    bad = failed_rows(rows)
+    lines = [f"# {title}", "", *_intro(rows, skipped_lines), ""]
     for key, table in split_tables(groups).items():
         lines += _md_table_section(key, table, (plots or {}).get(key, {}))
     if extra_plots:
@@ -733,6 +714,60 @@ def format_markdown(
     lines += [f"## Failed runs ({len(bad)})", ""]
     lines += [f"- {_md_escape(f)}" for f in failures] if failures else ["None."]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _intro(rows: Sequence[Mapping], skipped_lines: int) -> list[str]:
+    good, bad = ok_rows(rows), failed_rows(rows)
+    return [
+        f"Built from {len(good) + len(bad)} result rows: {len(good)} ok, {len(bad)} failed"
+        + (f"; {skipped_lines} unreadable line(s) skipped." if skipped_lines else "."),
+        f"{AUS_ON_MEANS_LABEL}: AUS of the across-run mean accuracies (A_or from the "
+        f"original model of each forget request), ± propagated standard error. "
+        f"{AUS_ON_MEANS_STD_LABEL}: the same AUS ± the propagated sample std of the runs "
+        "(the reference code's error bar). "
+        f"{AUS_PER_RUN_LABEL}: each run's AUS, then mean ± sample std.",
+    ]
+
+
+def table_notes(key: tuple[str, str, str], table: Sequence[GroupSummary]) -> list[str]:
+    """The notes under a table (MIA and membership-audit separation, oracles, device,
+    units)."""
+    notes = [mia_separation_note(table)]
+    audit = audit_separation_note(table)
+    if audit:
+        notes.append(audit)
+    oracles = oracle_note(table)
+    if oracles:
+        notes.append(oracles)
+    notes.append(device_note(table))
+    notes.append(
+        f"Accuracies in %, mean ± sample std over the forget requests "
+        f"({'classes' if key[2] == 'CR' else 'seeds'}); n = runs."
+    )
+    return notes
+
+
+def format_html(
+    title: str,
+    groups: Sequence[GroupSummary],
+    rows: Sequence[Mapping],
+    skipped_lines: int = 0,
+    plots: Mapping[tuple, Mapping[str, Path]] | None = None,
+    extra_plots: Mapping[str, Path] | None = None,
+) -> str:
+    """report.html: the Markdown report's tables (the same cells), notes and plots (the written
+    PNGs, inlined) as one self-contained page."""
+    from scar.experiments.html_report import ReportTable, report_page
+
+    tables = []
+    for key, table in split_tables(groups).items():
+        header, body = table_cells(table)
+        images = {name: path.read_bytes() for name, path in (plots or {}).get(key, {}).items()}
+        notes = table_notes(key, table) + [f"Data access (first run): {a}"
+                                           for a in access_notes(table)]
+        tables.append(ReportTable(table_title(key), header, body, notes, images))
+    extra = {name: path.read_bytes() for name, path in (extra_plots or {}).items()}
+    return report_page(title, _intro(rows, skipped_lines), tables, extra, failed_summary(rows))
 
 
 def _table_plots(
@@ -745,12 +780,18 @@ def _table_plots(
 
     slug = table_slug(key)
     made: dict[str, Path] = {}
+    # One colour per method in every plot of the table.
+    colours = plots.method_colours([g.method for g in table])
     jobs = [
-        ("AUS vs time", f"{slug}_aus_vs_time.png", lambda p: plots.plot_aus_vs_time(table, p)),
+        (
+            "AUS vs time",
+            f"{slug}_aus_vs_time.png",
+            lambda p: plots.plot_aus_vs_time(table, p, colours),
+        ),
         (
             "forget vs retain accuracy",
             f"{slug}_forget_vs_retain.png",
-            lambda p: plots.plot_forget_vs_retain(table, p),
+            lambda p: plots.plot_forget_vs_retain(table, p, colours),
         ),
     ]
     if key[2] == "CR":
@@ -759,7 +800,7 @@ def _table_plots(
             (
                 "per removed class",
                 f"{slug}_per_class.png",
-                lambda p: plots.plot_per_class(table_rows, p),
+                lambda p: plots.plot_per_class(table_rows, p, colours),
             )
         )
     for title, name, fn in jobs:
@@ -769,14 +810,16 @@ def _table_plots(
     return made
 
 
-def _feature_plots(run_dir: Path, plot_dir: Path) -> dict[str, Path]:
+def _feature_plots(run_dir: Path, plot_dir: Path,
+                   class_names: Sequence[str] | None = None) -> dict[str, Path]:
     from scar.errors import ConfigError
     from scar.experiments import plots
 
     made: dict[str, Path] = {}
     for npz in sorted((run_dir / plots.FEATURES_SUBDIR).glob("*.npz")):
         try:
-            path = plots.plot_feature_projection(npz, plot_dir / f"features_{npz.stem}.png")
+            path = plots.plot_feature_projection(npz, plot_dir / f"features_{npz.stem}.png",
+                                                 class_names)
         except ConfigError as exc:
             log.warning("skipping feature snapshot %s: %s", npz, exc)
             continue
@@ -806,11 +849,14 @@ def build_report(
     plot_dir = out / PLOTS_SUBDIR
     written: dict[str, Path] = {}
     plot_links: dict[tuple, dict[str, str]] = {}
+    table_plots: dict[tuple, dict[str, Path]] = {}
     for key, table in split_tables(groups).items():
-        made = _table_plots(key, table, rows, plot_dir)
+        made = table_plots[key] = _table_plots(key, table, rows, plot_dir)
         plot_links[key] = _relative(made, out)
         written.update({f"plot:{p.stem}": p for p in made.values()})
-    features = _feature_plots(run_dir, plot_dir)
+    datasets = {str(r.get("dataset")) for r in ok_rows(rows)}
+    names = class_names_of(datasets.pop()) if len(datasets) == 1 else None
+    features = _feature_plots(run_dir, plot_dir, names)
     written.update({f"plot:{p.stem}": p for p in features.values()})
     title = f"SCAR report: {run_dir.resolve().name}"
     texts = {
@@ -820,6 +866,8 @@ def build_report(
         ),
         "csv": (out / "results.csv", format_csv(groups)),
         "latex": (out / "report.tex", format_latex(groups)),
+        "html": (out / "report.html",
+                 format_html(title, groups, rows, skipped, table_plots, features)),
     }
     for name, (path, text) in texts.items():
         atomic_write_text(path, text)

@@ -31,6 +31,7 @@ from scar.evaluation.audit import (
     original_reference,
     split_loaders,
 )
+from scar.evaluation.outputs import Outputs
 from scar.experiments.grid import configured_method
 from scar.experiments.unlearn import (
     UnlearnOutcome,
@@ -78,6 +79,9 @@ class RequestResult:
     #: Metrics of the reference models audited alongside (e.g. ``{"original": {...}}``).
     references: dict[str, dict[str, Any]] = field(default_factory=dict)
     saved: Path | None = None
+    #: Outputs (logits, labels) per model (the references', then ``"unlearned"``) per split,
+    #: kept when :func:`run_request` is asked to (``keep_outputs``; the audit page's plots).
+    outputs: dict[str, dict[str, Outputs]] = field(default_factory=dict)
 
     @property
     def method(self) -> Method:
@@ -118,7 +122,8 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
                 references: Mapping[str, nn.Module] | None = None,
                 a_or: float | None = None,
                 out: str | Path | None = None,
-                membership: MembershipAudit | None = None) -> RequestResult:
+                membership: MembershipAudit | None = None,
+                keep_outputs: bool = False) -> RequestResult:
     """Unlearn ``request`` from ``ck`` (whose data is ``bundle``) and audit the result.
 
     ``surrogate(ck)``: the surrogate set, when the method uses one (default: loaded from the
@@ -129,6 +134,7 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
     ``out``: where to save the unlearned checkpoint (nothing is saved without it).
     ``membership``: the likelihood-ratio audit (:func:`~scar.experiments.references.
     prepare_audit` on the same request) run on every audited model.
+    ``keep_outputs``: keep every audited model's outputs per split in the result.
     """
     check_dataset_matches(ck, bundle)
     splits = make_splits(bundle, request.forget)
@@ -148,9 +154,14 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
     loaders = split_loaders(splits, ck.input_spec, data.device)
     audit = dict(mia=request.mia, mia_variant=request.mia_variant, seed=request.seed,
                  audit=membership)
-    ref_metrics = {name: model_metrics(model.to(data.device), loaders, scenario, **audit)[0]
-                   for name, model in (references or {}).items()}
-    metrics, _ = model_metrics(outcome.model.to(data.device), loaders, scenario, **audit)
+    ref_metrics: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, dict[str, Outputs]] = {}
+    for name, model in (references or {}).items():
+        ref_metrics[name], outputs[name] = model_metrics(model.to(data.device), loaders,
+                                                         scenario, **audit)
+        model.cpu()
+    metrics, outputs["unlearned"] = model_metrics(outcome.model.to(data.device), loaders,
+                                                  scenario, **audit)
     outcome.model.cpu()
     if a_or is None and "original" in ref_metrics:
         a_or = original_reference(ref_metrics["original"], scenario)
@@ -162,4 +173,23 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
         saved = save_unlearned(out, outcome, ck, splits, data, metrics,
                                dataset_options=bundle.options, preset=request.preset)
     return RequestResult(request=request, checkpoint=ck, splits=splits, data=data,
-                         outcome=outcome, metrics=metrics, references=ref_metrics, saved=saved)
+                         outcome=outcome, metrics=metrics, references=ref_metrics, saved=saved,
+                         outputs=outputs if keep_outputs else {})
+
+
+@torch.no_grad()
+def feature_pair(ck: Checkpoint, unlearned: nn.Module, images: ImageSet,
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (classifier-head inputs) of the same ``images`` under the original model of
+    ``ck`` and under ``unlearned``, in order: the before / after of a feature projection."""
+    from scar.data.base import BatchLoader
+    from scar.models.adapter import FeatureModel
+
+    feats = []
+    for model in (ck.model, unlearned):
+        fm = FeatureModel(model.to(device).eval(), head=ck.model_spec.head)
+        feats.append(torch.cat([fm(b.x)[0].cpu() for b in
+                                BatchLoader(images, ck.input_spec, batch_size=1000,
+                                            device=device)]))
+        model.cpu()
+    return feats[0], feats[1]

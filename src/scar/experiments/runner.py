@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -66,7 +66,8 @@ from scar.experiments.grid import (
     matches,
     stable_hash,
 )
-from scar.experiments.request import UnlearnRequest, run_request
+from scar.experiments.labels import removed_names
+from scar.experiments.request import UnlearnRequest, feature_pair, run_request
 from scar.experiments.store import ResultsStore
 from scar.experiments.unlearn import check_dataset_matches, given_checkpoint, load_surrogate_for
 from scar.utils import atomic_write_json, device_name, resolve_device, versions
@@ -155,8 +156,10 @@ def describe(exc: BaseException) -> str:
 def make_row(spec: RunSpec, *, metrics: Mapping[str, Any] | None = None,
              error: BaseException | str | None = None, access: dict[str, Any] | None = None,
              device: torch.device | str | None = None, device_label: str | None = None,
-             info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One results row (schema in ``store.py``); status "failed" when ``error`` is given."""
+             info: Mapping[str, Any] | None = None,
+             class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """One results row (schema in ``store.py``); status "failed" when ``error`` is given.
+    ``class_names``: the dataset's, to record the removed classes' names (``forget_names``)."""
     d = spec.to_dict()
     if device_label is None and isinstance(device, torch.device):
         device_label = device_name(device)
@@ -183,6 +186,8 @@ def make_row(spec: RunSpec, *, metrics: Mapping[str, Any] | None = None,
         "surrogate": spec.surrogate,
         "surrogate_n": spec.surrogate_n,
         "info": dict(info or {}),
+        "forget_names": (removed_names(spec.forget.classes, class_names)
+                         if class_names and spec.forget.kind == "class" else None),
     }
 
 
@@ -274,7 +279,9 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
         rows = [make_row(s, error=exc, device=device) for s in task.specs]
         return {"key": task.key, "rows": rows, "a_or": None}
     results["original"]["time/unlearn_s"] = 0.0
-    rows = [make_row(original_spec, metrics=results["original"], device=device)]
+    names = bundle.info.class_names
+    rows = [make_row(original_spec, metrics=results["original"], device=device,
+                     class_names=names)]
     if task.oracle is not None:
         oracle = checkpoints["retrain"]
         results["retrain"]["time/unlearn_s"] = float(oracle.meta.get("train_seconds", math.nan))
@@ -282,7 +289,7 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
         rows.append(make_row(task.specs[1], metrics=results["retrain"],
                              access=oracle_access(oracle, len(splits.train_retain)),
                              device=oracle.meta.get("device"),
-                             device_label=oracle.meta.get("device_name")))
+                             device_label=oracle.meta.get("device_name"), class_names=names))
     a_or = original_reference(results["original"], original_spec.scenario)
     return {"key": task.key, "rows": rows, "a_or": a_or}
 
@@ -330,7 +337,7 @@ def run_method(task: MethodTask) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - a missing plot must not lose the row
             log.warning("feature snapshot of %s failed: %s", spec.run_id, describe(exc))
     return make_row(spec, metrics=metrics, access=result.access, device=device,
-                    info=result.outcome.info)
+                    info=result.outcome.info, class_names=bundle.info.class_names)
 
 
 def request_of(spec: RunSpec) -> UnlearnRequest:
@@ -347,27 +354,18 @@ SNAPSHOT_METHODS = ("scar", "scar_self_forget")
 SNAPSHOT_IMAGES = 600
 
 
-@torch.no_grad()
 def snapshot_features(ck: Checkpoint, unlearned: torch.nn.Module, splits, spec: RunSpec,
                       run_dir: str, device) -> None:
     """Features of the same test images under the original and the unlearned model."""
-    from scar.data.base import BatchLoader
     from scar.experiments.snapshots import feature_snapshot_path, save_feature_snapshot
-    from scar.models.adapter import FeatureModel
 
     test = splits.test
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(test), generator=g)[:SNAPSHOT_IMAGES].sort().values
     subset = test.subset(idx)
-    feats = {}
-    for name, model in (("before", ck.model), ("after", unlearned)):
-        fm = FeatureModel(model.to(device).eval(), head=ck.model_spec.head)
-        feats[name] = torch.cat([fm(b.x)[0].cpu() for b in
-                                 BatchLoader(subset, ck.input_spec, batch_size=600,
-                                             device=device)])
+    before, after = feature_pair(ck, unlearned, subset, device)
     save_feature_snapshot(feature_snapshot_path(run_dir, spec.method, spec.forget_id),
-                          feats["before"], feats["after"], subset.labels,
-                          list(splits.removed_classes),
+                          before, after, subset.labels, list(splits.removed_classes),
                           title=f"{spec.method}, {spec.forget.describe()}")
 
 

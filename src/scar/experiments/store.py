@@ -12,7 +12,8 @@ Row schema (reports rely on these keys)::
     preset (the name the hyperparameters started from, or None; absent in older rows),
     metrics {"acc/...", "mia/...", "aus", "time/unlearn_s"},
     access {"required": [...], "images_loaded": {...}, "profile": str} | None,
-    device, device_name, versions {...}, finished_at (ISO 8601, UTC)
+    device, device_name, versions {...}, finished_at (ISO 8601, UTC),
+    forget_names (the removed classes' names, CR; None or absent otherwise)
 
 Appending is atomic: the existing bytes plus the new line are written to a temporary file in the
 same folder, fsynced and renamed over the file, so a crash (or Ctrl-C, or kill -9) leaves either
