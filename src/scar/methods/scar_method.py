@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from scar.data.base import Batch, ConcatImages, ImageSet
 from scar.errors import ConfigError, check_choice, check_range
+from scar.evaluation.metrics import js_divergence as js_per_example
 from scar.methods.base import (
     EVAL_BATCH,
     HR_MARGIN,
@@ -115,13 +116,9 @@ def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
 
 def js_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
                   temperature: float) -> torch.Tensor:
-    """Jensen–Shannon divergence (the paper's text), batch mean."""
-    p = F.softmax(teacher_logits / temperature, dim=1)
-    q = F.softmax(student_logits, dim=1)
-    log_m = (0.5 * (p + q)).clamp_min(1e-12).log()
-    kl_pm = (p * (p.clamp_min(1e-12).log() - log_m)).sum(1)
-    kl_qm = (q * (q.clamp_min(1e-12).log() - log_m)).sum(1)
-    return (0.5 * (kl_pm + kl_qm)).mean()
+    """Jensen–Shannon divergence (the paper's text), batch mean (nats; the evaluation's
+    per-example :func:`~scar.evaluation.metrics.js_divergence`)."""
+    return js_per_example(teacher_logits / temperature, student_logits).mean()
 
 
 DIVERGENCE_FNS = {"kl": kl_divergence, "js": js_divergence}
