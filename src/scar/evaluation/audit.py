@@ -28,9 +28,16 @@ from scar.evaluation.lr_attack import (
     roc_metrics,
     true_label_logodds,
 )
-from scar.evaluation.metrics import SPLITS, split_accuracies
+from scar.evaluation.metrics import (
+    SPLITS,
+    accuracy_key,
+    destination_metrics,
+    oracle_distance,
+    split_accuracies,
+)
 from scar.evaluation.mia import MIAResult, describe_separation, mia_cr, mia_hr, separation_note
 from scar.evaluation.outputs import Outputs, compute_outputs, evaluate_splits
+from scar.evaluation.relearn import RelearnSettings, relearn_metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +48,8 @@ AUS_KEYS: dict[str, dict[str, str]] = {
     "HR": {"a_t": "acc/test", "a_f": "acc/train_forget"},
 }
 SPLIT_NAMES = SPLITS  # every split of a forget request (evaluation.metrics)
+#: The name of the oracle (the model retrained without the forget set) among audited models.
+ORACLE = "retrain"
 
 
 def split_loaders(splits: Splits, spec: InputSpec, device: torch.device | str,
@@ -157,10 +166,12 @@ def model_metrics(model: nn.Module, loaders: Mapping[str, BatchLoader], scenario
                   mia: bool = True, mia_variant: str = "balanced", seed: int = 0,
                   audit: MembershipAudit | None = None
                   ) -> tuple[dict[str, Any], dict[str, Outputs]]:
-    """Accuracies on every split (+ the MIA, + the membership audit) of one model; outputs are
-    kept for plots."""
+    """Accuracies on every split, where the forget images go (+ the MIA, + the membership
+    audit) of one model; outputs are kept for plots and the distance to the oracle."""
     outputs = evaluate_splits(model, loaders)
     metrics: dict[str, Any] = split_accuracies({k: v for k, v in outputs.items() if len(v)})
+    if "train_forget" in outputs:
+        metrics.update(destination_metrics(outputs["train_forget"]))
     if mia:
         metrics.update(attack(outputs, scenario, variant=mia_variant, seed=seed).to_metrics())
     if audit is not None:
@@ -180,12 +191,34 @@ def original_reference(original_metrics: Mapping[str, Any], scenario: str) -> fl
     return float(original_metrics[AUS_KEYS[scenario]["a_t"]])
 
 
+def add_oracle_distance(results: Mapping[str, dict[str, Any]],
+                        outputs: Mapping[str, Mapping[str, Outputs]],
+                        oracle: Mapping[str, Outputs] | None = None) -> None:
+    """``js/<split>`` (mean JS divergence to the oracle's outputs, nats) into every model's
+    metrics but the oracle's own; the oracle's outputs are ``oracle``, else ``outputs["retrain"]``
+    (nothing without either)."""
+    oracle = oracle if oracle is not None else outputs.get(ORACLE)
+    if oracle is None:
+        return
+    for name, metrics in results.items():
+        if name != ORACLE:
+            metrics.update(oracle_distance(outputs[name], oracle))
+
+
+def forget_accuracy(metrics: Mapping[str, Any]) -> float | None:
+    """A model's accuracy on the forget images (train-forget), if measured."""
+    value = metrics.get(accuracy_key("train_forget"))
+    return None if value is None else float(value)
+
+
 def audit_models(models: Mapping[str, nn.Module], splits: Splits, spec: InputSpec,
                  scenario: str, *, device: torch.device | str = "cpu", mia: bool = True,
                  mia_variant: str = "balanced", seed: int = 0, original: str = "original",
-                 audit: MembershipAudit | None = None
+                 audit: MembershipAudit | None = None, relearn: RelearnSettings | None = None
                  ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Outputs]]]:
-    """Metrics of several models on one forget request; ``models[original]`` gives A_or."""
+    """Metrics of several models on one forget request; ``models[original]`` gives A_or (and
+    the relearn target), ``models["retrain"]``, when audited, the outputs every other model's
+    distance to the oracle is measured against. ``relearn``: also the relearn time of each."""
     if original not in models:
         raise KeyError(f"audit needs the original model under key {original!r}")
     loaders = split_loaders(splits, spec, device)
@@ -199,6 +232,12 @@ def audit_models(models: Mapping[str, nn.Module], splits: Splits, spec: InputSpe
     a_or = original_reference(results[original], scenario)
     for metrics in results.values():
         add_aus(metrics, a_or, scenario)
+    add_oracle_distance(results, outputs)
+    if relearn is not None:
+        target_from = forget_accuracy(results[original])
+        for name, model in models.items():
+            results[name].update(relearn_metrics(model, splits.train_forget, spec, relearn,
+                                                 target_from, device))
     return results, outputs
 
 

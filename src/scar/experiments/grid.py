@@ -27,6 +27,8 @@ Format (every key but ``dataset``, ``scenario`` and the forget amount is optiona
     audit: null                # rmia | lira: the likelihood-ratio membership audit with
                                #   reference models (trained once, cached in checkpoints/)
     audit_references: 4        # number of reference models of the audit (even)
+    relearn: false             # true or {max_steps: 100, ...}: also measure each model's relearn
+                               #   time (evaluation/relearn.py; fine-tunes a copy per model)
     oracles: all               # all | none | the class entries (CR) / seeds (HR) that get one
     preset: null               # named hyperparameters of every method (`scar list presets`)
     checkpoint: null           # an existing original of the grid's one model instead of training
@@ -101,7 +103,7 @@ GRID_KEYS: tuple[str, ...] = (
     "name", "dataset", "dataset_options", "model", "model_kwargs", "data_dir", "download",
     "device", "train", "scenario", "classes", "seeds", "forget_fraction", "forget_count",
     "surrogate", "surrogate_n", "mia", "mia_variant", "oracles", "preset", "methods",
-    "checkpoint", "audit", "audit_references",
+    "checkpoint", "audit", "audit_references", "relearn",
 )  # fmt: skip
 #: Keys of a mapping entry of the ``model`` list.
 MODEL_ENTRY_KEYS: tuple[str, ...] = ("name", "dataset_options", "model_kwargs", "train",
@@ -166,6 +168,7 @@ class Grid:
     mia_variant: str = "balanced"
     audit: str | None = None  # the membership audit's attack (evaluation/lr_attack.py)
     audit_references: int = DEFAULT_REFERENCES
+    relearn: Items = ()  # the relearn settings' items; () = off (grid key 'relearn')
     oracles: str | tuple = "all"  # "all", "none", or CR class groups / HR seeds
     preset: str | None = None  # of every method without its own 'preset' key
     methods: tuple[tuple[str, dict[str, Any]], ...] = ()  # a mapping may hold 'preset'
@@ -260,6 +263,7 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
         mia=_bool("mia", raw.get("mia", True)),
         mia_variant=mia_variant,
         **_audit(raw),
+        relearn=_relearn(raw.get("relearn")),
         oracles=_oracles(raw.get("oracles"), scenario),
         preset=_optional_str("preset", raw.get("preset")),
         methods=_methods(raw.get("methods")),
@@ -283,6 +287,24 @@ def _audit(raw: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"grid key 'audit_references' must be even (reference models come in "
                           f"complementary pairs); got {count}.")
     return {"audit": audit, "audit_references": count}
+
+
+def _relearn(value: Any) -> Items:
+    """Grid key 'relearn': false / null (off), true (the defaults) or a mapping of
+    :class:`~scar.evaluation.relearn.RelearnSettings`; stored as all its items (validated)."""
+    from scar.evaluation.relearn import RelearnSettings
+
+    settings = RelearnSettings.parse(value)
+    return () if settings is None else freeze(settings.to_dict())
+
+
+def relearn_settings(items: Items):
+    """The :class:`~scar.evaluation.relearn.RelearnSettings` of a grid's / run's items, or None."""
+    if not items:
+        return None
+    from scar.evaluation.relearn import RelearnSettings
+
+    return RelearnSettings(**dict(items))
 
 
 def check_keys(where: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
@@ -729,6 +751,12 @@ class RunSpec:
     checkpoint: str | None = None  # an existing original (grid key 'checkpoint'); else trained
     audit: str | None = None  # the membership audit's attack (grid key 'audit')
     audit_references: int = DEFAULT_REFERENCES
+    relearn_items: Items = ()  # the relearn settings (grid key 'relearn'); () = off
+
+    @property
+    def relearn(self):
+        """The run's :class:`~scar.evaluation.relearn.RelearnSettings`, or None (off)."""
+        return relearn_settings(self.relearn_items)
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -758,7 +786,7 @@ class RunSpec:
         """What the original / oracle checkpoints and the reference rows depend on."""
         return (self.dataset, self.dataset_options_items, self.model, self.model_kwargs_items,
                 self.train_items, self.forget, self.mia, self.mia_variant, self.checkpoint,
-                self.audit, self.audit_references)
+                self.audit, self.audit_references, self.relearn_items)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -782,6 +810,7 @@ class RunSpec:
             **({"checkpoint": self.checkpoint} if self.checkpoint is not None else {}),
             **({"audit": self.audit, "audit_references": self.audit_references}
                if self.audit is not None else {}),
+            **({"relearn": dict(self.relearn_items)} if self.relearn_items else {}),
         }
 
     @property
@@ -908,6 +937,7 @@ def expand(grid: Grid) -> list[RunSpec]:
                 "model_kwargs_items": freeze(entry.model_kwargs),
                 "checkpoint": entry.checkpoint,
                 "audit": grid.audit, "audit_references": grid.audit_references,
+                "relearn_items": grid.relearn,
             }
             for forget, seeds in forget_requests(grid, dataset, entry.dataset_options):
                 ref_seed = forget.seed if grid.scenario == "HR" else TRAIN_SEED

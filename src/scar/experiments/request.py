@@ -27,11 +27,15 @@ from scar.data.forget import ForgetSpec, Splits, make_splits
 from scar.evaluation.audit import (
     MembershipAudit,
     add_aus,
+    add_oracle_distance,
+    forget_accuracy,
     model_metrics,
     original_reference,
     split_loaders,
 )
-from scar.evaluation.outputs import Outputs
+from scar.evaluation.metrics import accuracy
+from scar.evaluation.outputs import Outputs, compute_outputs
+from scar.evaluation.relearn import RelearnSettings, relearn_metrics
 from scar.experiments.grid import configured_method
 from scar.experiments.unlearn import (
     UnlearnOutcome,
@@ -62,6 +66,8 @@ class UnlearnRequest:
     seed: int = 0
     mia: bool = True
     mia_variant: str = "balanced"
+    #: Also measure the relearn time of every audited model (None: off; it fine-tunes).
+    relearn: RelearnSettings | None = None
 
 
 @dataclass
@@ -123,7 +129,8 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
                 a_or: float | None = None,
                 out: str | Path | None = None,
                 membership: MembershipAudit | None = None,
-                keep_outputs: bool = False) -> RequestResult:
+                keep_outputs: bool = False,
+                oracle_outputs: Mapping[str, Outputs] | None = None) -> RequestResult:
     """Unlearn ``request`` from ``ck`` (whose data is ``bundle``) and audit the result.
 
     ``surrogate(ck)``: the surrogate set, when the method uses one (default: loaded from the
@@ -135,6 +142,10 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
     ``membership``: the likelihood-ratio audit (:func:`~scar.experiments.references.
     prepare_audit` on the same request) run on every audited model.
     ``keep_outputs``: keep every audited model's outputs per split in the result.
+    ``oracle_outputs``: the oracle's outputs per split, when it is not among ``references``
+    (as ``"retrain"``); with either, every other model's metrics get ``js/<split>``.
+    ``request.relearn``: also the relearn time of every audited model, its target from the
+    original's forget accuracy (``references["original"]``, else ``ck``'s model).
     """
     check_dataset_matches(ck, bundle)
     splits = make_splits(bundle, request.forget)
@@ -168,6 +179,19 @@ def run_request(ck: Checkpoint, bundle: DatasetBundle, request: UnlearnRequest, 
     if a_or is not None:
         for m in (*ref_metrics.values(), metrics):
             add_aus(m, a_or, scenario)
+    results = {**ref_metrics, "unlearned": metrics}
+    add_oracle_distance(results, outputs, oracle_outputs)
+    if request.relearn is not None:
+        models = {**(references or {}), "unlearned": outcome.model}
+        target_from = (forget_accuracy(ref_metrics["original"]) if "original" in ref_metrics
+                       else accuracy(compute_outputs(ck.model.to(data.device),
+                                                     loaders["train_forget"])))
+        for name, model in models.items():
+            results[name].update(relearn_metrics(model.to(data.device), splits.train_forget,
+                                                 ck.input_spec, request.relearn, target_from,
+                                                 data.device))
+            model.cpu()
+        ck.model.cpu()
     saved = None
     if out is not None:
         saved = save_unlearned(out, outcome, ck, splits, data, metrics,

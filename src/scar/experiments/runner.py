@@ -38,6 +38,7 @@ against the data it is evaluated on (:func:`~scar.experiments.unlearn.check_data
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -54,7 +55,15 @@ from scar.data.base import ImageSet
 from scar.data.datasets import DatasetBundle, load_dataset
 from scar.data.forget import make_splits
 from scar.errors import ScarError
-from scar.evaluation.audit import MembershipAudit, add_aus, audit_models, original_reference
+from scar.evaluation.audit import (
+    MembershipAudit,
+    add_aus,
+    audit_models,
+    original_reference,
+    split_loaders,
+)
+from scar.evaluation.metrics import JS_SPLITS
+from scar.evaluation.outputs import Outputs, evaluate_splits
 from scar.experiments.executors import Executor, LocalExecutor, PipelinedExecutor, TaskLost
 from scar.experiments.grid import (
     REFERENCE_METHODS,
@@ -70,7 +79,13 @@ from scar.experiments.labels import removed_names
 from scar.experiments.request import UnlearnRequest, feature_pair, run_request
 from scar.experiments.store import ResultsStore
 from scar.experiments.unlearn import check_dataset_matches, given_checkpoint, load_surrogate_for
-from scar.utils import atomic_write_json, device_name, resolve_device, versions
+from scar.utils import (
+    atomic_write_bytes,
+    atomic_write_json,
+    device_name,
+    resolve_device,
+    versions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +126,7 @@ class MethodTask:
     original: str
     a_or: float | None  # None: not known yet; the driver adds the AUS (pipelined sweeps)
     settings: Settings
+    oracle: str | None = None  # the request's oracle checkpoint (distance to its outputs)
 
 
 @dataclass(frozen=True)
@@ -267,13 +283,16 @@ def evaluate_reference(task: ReferenceTask) -> dict[str, Any]:
         for ck in checkpoints.values():
             check_dataset_matches(ck, bundle)
         splits = make_splits(bundle, original_spec.forget)
-        results, _ = audit_models(
+        results, outputs = audit_models(
             {name: ck.model for name, ck in checkpoints.items()}, splits,
             checkpoints["original"].input_spec, original_spec.scenario, device=device,
             mia=original_spec.mia, mia_variant=original_spec.mia_variant,
             seed=original_spec.seed,
             audit=membership_audit(original_spec, checkpoints["original"], bundle, splits,
-                                   task.settings, device))
+                                   task.settings, device),
+            relearn=original_spec.relearn)
+        if task.oracle is not None:
+            save_oracle_outputs(task.oracle, outputs["retrain"])
     except Exception as exc:  # noqa: BLE001 - becomes failed rows
         log_failure(original_spec, exc)
         rows = [make_row(s, error=exc, device=device) for s in task.specs]
@@ -309,6 +328,40 @@ def membership_audit(spec: RunSpec, original: Checkpoint, bundle: DatasetBundle,
                          progress=settings.progress)
 
 
+# ---------------------------------------------------------------- the oracle's outputs
+def oracle_outputs_path(oracle: str | Path) -> Path:
+    """Where the outputs of a cached oracle on its request's splits are kept (beside it)."""
+    oracle = Path(oracle)
+    return oracle.with_name(oracle.name.split(".")[0] + ".outputs.pt")
+
+
+def save_oracle_outputs(oracle: str | Path, outputs: Mapping[str, Outputs]) -> None:
+    """Keep the oracle's outputs on the splits the distance to it is measured on, so that each
+    method run reads them instead of running the oracle again."""
+    buf = io.BytesIO()
+    torch.save({k: {"logits": o.logits, "labels": o.labels} for k, o in outputs.items()
+                if k in JS_SPLITS}, buf)
+    atomic_write_bytes(oracle_outputs_path(oracle), buf.getvalue())
+
+
+def oracle_outputs(oracle: str | None, splits, spec: RunSpec, settings: Settings,
+                   device) -> dict[str, Outputs] | None:
+    """The request's oracle outputs: kept by its reference evaluation (or by an earlier method
+    run); computed and kept now when only the checkpoint exists; None without an oracle."""
+    if oracle is None or not checkpoint_exists(oracle):
+        return None
+    path = oracle_outputs_path(oracle)
+    if path.is_file():
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: Outputs(v["logits"], v["labels"]) for k, v in kept.items()}
+    ck = load_checkpoint(oracle)
+    loaders = split_loaders(splits, ck.input_spec, device, names=JS_SPLITS)
+    outputs = evaluate_splits(ck.model.to(device), loaders)
+    save_oracle_outputs(oracle, outputs)
+    log.info("kept the outputs of oracle %s for %s", oracle, spec.forget_id)
+    return outputs
+
+
 # ---------------------------------------------------------------- method runs
 def run_method(task: MethodTask) -> dict[str, Any]:
     """Unlearn with one method and evaluate the result (:func:`~scar.experiments.request.
@@ -319,14 +372,16 @@ def run_method(task: MethodTask) -> dict[str, Any]:
         device = resolve_device(settings.device)
         bundle = cached_dataset(spec, settings)
         ck = load_original(spec, task.original, bundle)
+        splits = make_splits(bundle, spec.forget)
         membership = None
         if spec.audit is not None:
-            membership = membership_audit(spec, ck, bundle, make_splits(bundle, spec.forget),
-                                          settings, device)
+            membership = membership_audit(spec, ck, bundle, splits, settings, device)
         result = run_request(ck, bundle, request_of(spec), device=device,
                              progress=settings.progress,
                              surrogate=lambda ck: cached_surrogate(ck, spec, settings),
-                             a_or=task.a_or, membership=membership)
+                             a_or=task.a_or, membership=membership,
+                             oracle_outputs=oracle_outputs(task.oracle, splits, spec, settings,
+                                                           device))
     except Exception as exc:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
         log_failure(spec, exc)
         return make_row(spec, error=exc, device=device)
@@ -345,7 +400,7 @@ def request_of(spec: RunSpec) -> UnlearnRequest:
     return UnlearnRequest(forget=spec.forget, method=spec.method, hparams=spec.hparams,
                           preset=spec.preset, surrogate=spec.surrogate,
                           surrogate_n=spec.surrogate_n, seed=spec.seed, mia=spec.mia,
-                          mia_variant=spec.mia_variant)
+                          mia_variant=spec.mia_variant, relearn=spec.relearn)
 
 
 #: Methods whose runs also store a feature snapshot (before/after features of test images) for
@@ -422,6 +477,7 @@ class _Request:
     evaluate: bool = False  # whether the reference rows are (re-)evaluated; else A_or is stored
     oracle: str | None = None  # None: no oracle, or none needed (its row is stored)
     a_or: float | None = None
+    oracle_path: str | None = None  # the request's oracle checkpoint, whether trained now or not
 
 
 def plan(pending: list[RunSpec], refs: dict[tuple, dict[str, RunSpec]],
@@ -434,13 +490,14 @@ def plan(pending: list[RunSpec], refs: dict[tuple, dict[str, RunSpec]],
                                              str(checkpoint_path(run_dir, s, "original")))
         requests[s.request()].specs.append(s)
     for req in requests.values():
+        if "retrain" in req.reference:
+            req.oracle_path = str(checkpoint_path(run_dir, req.specs[0], "oracle"))
         if all(spec.run_id in finished for spec in req.reference.values()):
             row = stored[req.reference["original"].run_id]
             req.a_or = original_reference(row["metrics"], row["scenario"])
         else:
             req.evaluate = True
-            if "retrain" in req.reference:
-                req.oracle = str(checkpoint_path(run_dir, req.specs[0], "oracle"))
+            req.oracle = req.oracle_path
     return requests
 
 
@@ -467,7 +524,7 @@ def _reference_task(key: str, req: _Request, settings: Settings) -> ReferenceTas
 
 
 def _method_tasks(req: _Request, sweep: _Sweep, settings: Settings) -> list[MethodTask]:
-    return [MethodTask(s, req.original, req.a_or, settings) for s in req.specs
+    return [MethodTask(s, req.original, req.a_or, settings, req.oracle_path) for s in req.specs
             if not s.is_reference and s.run_id in sweep.pending]
 
 
@@ -533,7 +590,9 @@ def _run_pipelined(sweep: _Sweep, requests: dict[tuple, _Request], settings: Set
         req = live[key]
         if key in failed or not exists(req.original):
             return
-        if key not in methods_sent:
+        # Method runs wait for the oracle too (when it is being trained): they measure their
+        # distance to its outputs, so that the rows are those of the local executor.
+        if key not in methods_sent and exists(req.oracle_path):
             methods_sent.add(key)
             for task in _method_tasks(req, sweep, settings):
                 tickets[executor.submit(run_method, task)] = (key, task)
