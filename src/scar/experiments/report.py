@@ -38,6 +38,7 @@ from scar.evaluation.aus import (
     AUS_PER_RUN_LABEL,
     aus_on_means,
 )
+from scar.evaluation.metrics import DEST_TOP_CLASS, DEST_TOP_SHARE
 from scar.evaluation.mia import MIAResult, attack_separates
 from scar.experiments.labels import (  # noqa: F401 - public names of the report (older imports)
     DASH,
@@ -80,7 +81,15 @@ KNOWN_METRICS: tuple[str, ...] = (
     "mia/chance_dist",
     "aus",
     "time/unlearn_s",
+    "js/train_forget",
+    "js/test_forget",
+    "js/test",
+    DEST_TOP_SHARE,
+    "relearn/steps",
+    "relearn/censored",
 )
+#: Numeric metric keys that are labels, not quantities: never averaged over runs.
+NOT_AVERAGED: frozenset[str] = frozenset({DEST_TOP_CLASS})
 
 
 @dataclass(frozen=True)
@@ -89,7 +98,7 @@ class Column:
 
     header: str
     key: str  # a metric key, or one of the special keys below
-    kind: str  # "pct" (accuracy → %), "score" (3 decimals), "time" (seconds), "text"
+    kind: str  # "pct" (accuracy → %), "score" (3 decimals), "time" (seconds), "count", "text"
     optional: bool = False  # shown only when some row of the table has the metric
 
 
@@ -104,6 +113,12 @@ _HEAD_COLUMNS: tuple[Column, ...] = (
     Column("n", _N, "text"),
 )
 _TAIL_COLUMNS: tuple[Column, ...] = (
+    # Beside the accuracies (evaluation/metrics.py, evaluation/relearn.py; notes under the table).
+    Column("JS to oracle, train-forget", "js/train_forget", "score", optional=True),
+    Column("JS to oracle, forget-test", "js/test_forget", "score", optional=True),
+    Column("JS to oracle, test", "js/test", "score", optional=True),
+    Column("forget top-class share", DEST_TOP_SHARE, "score", optional=True),
+    Column("relearn steps", "relearn/steps", "count", optional=True),
     Column("MIA acc", "mia/acc", "score"),
     Column("MIA AUC", "mia/auc", "score"),
     # The likelihood-ratio membership audit (grid key 'audit'; evaluation/lr_attack.py).
@@ -306,7 +321,7 @@ def _metric_stats(runs: Sequence[Mapping[str, Any]]) -> dict[str, Stat]:
     values: dict[str, list[float]] = {}
     for row in runs:
         for key, value in (row.get("metrics") or {}).items():
-            if _is_number(value):
+            if _is_number(value) and key not in NOT_AVERAGED:
                 values.setdefault(key, []).append(float(value))
     return {k: mean_std(v) for k, v in sorted(values.items())}
 
@@ -374,11 +389,12 @@ def format_stat(stat: Stat | None, kind: str) -> str:
     """ "72.93 ± 1.20" for accuracies (as %), 3 decimals for scores, 2 for seconds."""
     if stat is None:
         return DASH
-    if kind == "pct":
-        return f"{100 * stat.mean:.2f} ± {100 * stat.std:.2f}"
-    if kind == "time":
-        return f"{stat.mean:.2f} ± {stat.std:.2f}"
-    return f"{stat.mean:.3f} ± {stat.std:.3f}"
+    scale, digits = _FORMATS.get(kind, (1.0, 3))
+    return f"{scale * stat.mean:.{digits}f} ± {scale * stat.std:.{digits}f}"
+
+
+#: Column kind → (scale, decimals) of its cells; other kinds: 3 decimals.
+_FORMATS: dict[str, tuple[float, int]] = {"pct": (100.0, 2), "time": (1.0, 2), "count": (1.0, 1)}
 
 
 def cell(group: GroupSummary, column: Column) -> str:
@@ -509,6 +525,33 @@ def audit_separation_note(groups: Sequence[GroupSummary]) -> str | None:
     note = audit_note(means)
     n = pair[0].n
     return f"Membership audit: {note}" + (f" (means over {n} forget requests)" if n > 1 else "")
+
+
+#: What each metric beside the accuracies means: (a metric key that shows it, the note).
+METRIC_NOTES: tuple[tuple[str, str], ...] = (
+    ("js/train_forget", "JS to oracle: mean Jensen–Shannon divergence between the model's and "
+     "the retrained model's softmax outputs on the same images, in nats (0 = the oracle's "
+     "outputs, at most ln 2 ≈ 0.693)."),
+    (DEST_TOP_SHARE, "Forget top-class share: the share of the train-forget images predicted as "
+     "the single class most of them go to (1 = all to one class; the per-class shares are in "
+     "each row's dest/shares)."),
+    ("relearn/steps", "Relearn steps: steps of fine-tuning a copy on the forget set alone until "
+     "its forget accuracy is back to the target (each row's relearn/target; by default half the "
+     "original model's; evaluation/relearn.py); compare with the retrain row."),
+)
+
+
+def metric_notes(groups: Sequence[GroupSummary]) -> list[str]:
+    """The notes of the metrics beside the accuracies that the table shows, and how many
+    relearn runs hit their step limit (censored: their steps are a lower bound)."""
+    notes = [text for key, text in METRIC_NOTES if any(key in g.stats for g in groups)]
+    censored = [(g.method, round(g.stats["relearn/censored"].mean * g.stats["relearn/censored"].n),
+                 g.stats["relearn/censored"].n) for g in groups if "relearn/censored" in g.stats]
+    hit = [f"{method} {k}/{n}" for method, k, n in censored if k]
+    if hit:
+        notes.append("Relearn censored at max_steps (steps are a lower bound): "
+                     + ", ".join(hit) + ".")
+    return notes
 
 
 def oracle_note(groups: Sequence[GroupSummary]) -> str | None:
@@ -736,6 +779,7 @@ def table_notes(key: tuple[str, str, str], table: Sequence[GroupSummary]) -> lis
     audit = audit_separation_note(table)
     if audit:
         notes.append(audit)
+    notes += metric_notes(table)
     oracles = oracle_note(table)
     if oracles:
         notes.append(oracles)
