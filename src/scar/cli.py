@@ -297,7 +297,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     request = UnlearnRequest(forget=forget_spec_from_args(args), method=args.method,
                              hparams=parse_sets(args.set), preset=args.preset,
                              surrogate=args.surrogate, surrogate_n=args.surrogate_n,
-                             seed=args.seed, mia=args.mia)
+                             seed=args.seed, mia=args.mia, relearn=relearn_from_args(args))
     device = resolve_device(args.device)
     result = run_request(ck, bundle, request, device=device,
                          progress=not args.quiet, data_dir=args.data_dir,
@@ -328,11 +328,30 @@ def report_path(flag: str | bool | None, beside: Path, suffix: str) -> Path | No
 
 
 SUMMARY_COLUMNS = {
-    "CR": ["acc/train_forget", "acc/test_forget", "acc/test_retain", "mia/auc", "audit/auc",
-           "audit/tpr@1%", "aus"],
-    "HR": ["acc/train_forget", "acc/train_retain", "acc/test", "mia/auc", "audit/auc",
-           "audit/tpr@1%", "aus"],
+    "CR": ["acc/train_forget", "acc/test_forget", "acc/test_retain", "js/test_forget",
+           "dest/top_share", "relearn/steps", "mia/auc", "audit/auc", "audit/tpr@1%", "aus"],
+    "HR": ["acc/train_forget", "acc/train_retain", "acc/test", "js/train_forget",
+           "dest/top_share", "relearn/steps", "mia/auc", "audit/auc", "audit/tpr@1%", "aus"],
 }
+
+
+def add_relearn_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--relearn", action="store_true",
+                   help="also measure each model's relearn time: steps of fine-tuning a copy on "
+                        "the forget set until its accuracy is back to half the original's")
+    p.add_argument("--relearn-set", action="append", metavar="KEY=VALUE",
+                   help="a relearn setting (fraction, target, optimizer, lr, batch_size, "
+                        "max_steps, eval_images, seed), e.g. --relearn-set max_steps=500")
+
+
+def relearn_from_args(args: argparse.Namespace):
+    """The relearn settings of ``--relearn`` / ``--relearn-set`` (None: off)."""
+    from scar.evaluation.relearn import RelearnSettings
+
+    sets = parse_sets(args.relearn_set, "--relearn-set")
+    if sets and not args.relearn:
+        raise ConfigError("--relearn-set needs --relearn.")
+    return RelearnSettings.parse(sets or args.relearn)
 
 
 def format_summary(results: dict, scenario: str) -> str:
@@ -404,7 +423,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                    data_dir=args.data_dir, progress=not args.quiet)
     results, outputs = audit_models(models, splits, ck.input_spec, scenario, device=device,
                                     mia=not args.no_mia, mia_variant=args.mia_variant,
-                                    audit=membership)
+                                    audit=membership, relearn=relearn_from_args(args))
     report = {"checkpoint": str(args.checkpoint), "forget": spec.to_dict(),
               "scenario": scenario, "results": results, "mia_note": mia_note(results),
               "audit_note": audit_note(results),
@@ -516,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method hyperparameter, e.g. --set lambda_2=5 --set stats=retain")
     p.add_argument("--mia", action="store_true", help="also run the membership-inference attack")
     p.add_argument("--oracle", default=None,
-                   help="retrained checkpoint (without the forget set) to audit alongside")
+                   help="retrained checkpoint (without the forget set) to audit alongside "
+                        "(also gives each model's JS divergence to its outputs)")
+    add_relearn_args(p)
     p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
                    help="also write a self-contained HTML audit page (default: next to the "
                         "unlearned checkpoint, NAME.audit.html)")
@@ -536,7 +557,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--original", default=None,
                    help="original checkpoint (default: the sidecar's parent, else itself)")
-    p.add_argument("--oracle", default=None, help="retrained checkpoint to compare with")
+    p.add_argument("--oracle", default=None,
+                   help="retrained checkpoint to compare with (also gives each model's JS "
+                        "divergence to its outputs)")
+    add_relearn_args(p)
     add_forget_args(p)
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack")
     p.add_argument("--mia-variant", default="balanced", choices=["balanced", "reference"])
