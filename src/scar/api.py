@@ -430,7 +430,9 @@ def evaluate(model: nn.Module, *, forget: DataLike, retain: DataLike | None = No
     loaders = {name: BatchLoader(s, spec, batch_size=1024, device=dev) for name, s in sets.items()}
 
     def metrics_of(m: nn.Module, attack: bool) -> dict[str, Any]:
-        return model_metrics(m.to(dev), loaders, scenario, mia=attack, seed=seed)[0]
+        # Plain floats only (no dest/shares list): the facade's documented keys.
+        return model_metrics(m.to(dev), loaders, scenario, mia=attack, seed=seed,
+                             destination=False)[0]
 
     metrics = metrics_of(model, mia)
     if original is not None and "test" in sets:

@@ -164,13 +164,14 @@ def membership_audit(outputs: Mapping[str, Outputs], scenario: str, audit: Membe
 
 def model_metrics(model: nn.Module, loaders: Mapping[str, BatchLoader], scenario: str, *,
                   mia: bool = True, mia_variant: str = "balanced", seed: int = 0,
-                  audit: MembershipAudit | None = None
+                  audit: MembershipAudit | None = None, destination: bool = True
                   ) -> tuple[dict[str, Any], dict[str, Outputs]]:
-    """Accuracies on every split, where the forget images go (+ the MIA, + the membership
-    audit) of one model; outputs are kept for plots and the distance to the oracle."""
+    """Accuracies on every split, where the forget images go (``destination``; ``dest/*``) (+
+    the MIA, + the membership audit) of one model; outputs are kept for plots and the distance
+    to the oracle."""
     outputs = evaluate_splits(model, loaders)
     metrics: dict[str, Any] = split_accuracies({k: v for k, v in outputs.items() if len(v)})
-    if "train_forget" in outputs:
+    if destination and "train_forget" in outputs:
         metrics.update(destination_metrics(outputs["train_forget"]))
     if mia:
         metrics.update(attack(outputs, scenario, variant=mia_variant, seed=seed).to_metrics())

@@ -14,11 +14,14 @@ values (so a distributed executor can ship them; see ``executors.py``):
    every AUS of the request is measured against (an oracle is not needed for it).
 3. :func:`run_method` — one unlearning call + its evaluation per method run; the metrics come
    from the same functions ``audit_models`` uses, with the request's A_or (evaluating the original
-   and the oracle again for every method would only repeat phase 2).
+   and the oracle again for every method would only repeat phase 2). The oracle's outputs, which
+   each method run's distance to the oracle (``js/<split>``) needs, are kept by phase 2 beside the
+   oracle's checkpoint (:func:`oracle_outputs_path`) and read by every method run.
 
 With a :class:`~scar.experiments.executors.Executor` (``map``; the local default) the phases run
 one after the other. With a :class:`~scar.experiments.executors.PipelinedExecutor` (Ray) they
-overlap (:func:`_run_pipelined`): a method run is submitted as soon as its original exists, and a
+overlap (:func:`_run_pipelined`): a method run is submitted as soon as its original and its
+request's oracle exist (it measures its distance to the oracle's outputs), and a
 reference evaluation as soon as its original and oracle exist; a method run submitted before its
 request's A_or is known returns its metrics without AUS, the driver adds it when the reference
 rows arrive (the same function on the same numbers) and only then stores the row. The rows and
