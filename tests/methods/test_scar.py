@@ -227,19 +227,3 @@ def test_forget_distill_forgets_without_the_metric_term_and_is_class_removal_onl
     assert float(acc) < 0.01 and d.touched().get("retain", 0) == 0
     with pytest.raises(ConfigError, match="class removal only"):
         method.unlearn(tiny_model, data(hr_splits, "HR"))
-
-
-def test_forget_distill_default_is_per_scenario_and_pinned_where_measured_without_it():
-    from scar.methods.presets import PRESETS
-    from scar.methods.scar_method import DEFAULT_FORGET_DISTILL
-
-    scar = build_method("scar")
-    assert scar.forget_distill is None
-    assert scar.forget_distill_weight("CR") == DEFAULT_FORGET_DISTILL["CR"] > 0
-    assert scar.forget_distill_weight("HR") == DEFAULT_FORGET_DISTILL["HR"] == 0
-    assert build_method("scar", forget_distill=0.0).forget_distill_weight("CR") == 0
-    with pytest.raises(ConfigError, match="class removal only"):
-        build_method("scar", forget_distill=0.5).forget_distill_weight("HR")
-    # self-forget's proxies and the reference preset run without it
-    assert build_method("scar_self_forget").forget_distill_weight("CR") == 0
-    assert PRESETS.get("reference").values("scar")["forget_distill"] == 0

@@ -127,11 +127,6 @@ class SCARSelfForget(SCAR):
     # surrogate set, and the stronger pull of λ2 = 8 left more of the real class (Fashion-MNIST,
     # class 0: test-forget 4.2% vs 2.5%; class 7: 3.0% vs 2.2%).
     lambda_2: float = 5.0
-    # SCAR's class-removal defaults before forget distillation, which self-forget keeps: its
-    # "forget images" are surrogate proxies, and its loop (run only when the head replay below
-    # leaves the proxies unforgotten) was measured with the metric term alone and step_kl 0.2.
-    forget_distill: float | None = 0.0
-    step_kl: float | None = 0.2
     min_forget_images: int = 10
     # Proxies: the surrogate images the original model predicts as a removed class (the
     # reference), filled up to min_proxies with the most probable ones (so a class that no
