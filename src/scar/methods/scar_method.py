@@ -280,11 +280,13 @@ class SCAR(Method):
     # An extension under study (0 = off, the reference): class removal adds
     # forget_distill·D(masked teacher(x_f) ‖ student(x_f)) on each forget batch, the teacher's
     # logits of the removed classes set to the batch minimum, so each forget image is sent to
-    # the teacher's next choice (what an oracle does with it) instead of only to the nearest
-    # wrong class's Gaussian. One seed on Fashion-MNIST (classes 0, 3, 7), with lambda_1=0 and
-    # step_kl=0.05: fastcnn retain drop 0.11 / 0.70 / -0.06 points, ResNet-18 0.16 / 1.17 /
-    # -0.23 with class 3 in 15 steps instead of 116 (benchmarks/fmnist_reference_preset/NOTES.md);
-    # not the default until the whole panel is measured.
+    # the teacher's next choice (what an oracle does with it) as well as to the nearest wrong
+    # class's Gaussian. Measured with step_kl=0.05 on Fashion-MNIST
+    # (benchmarks/fmnist_arch_panel/forget_distill/NOTES.md): better than the defaults on
+    # fastcnn and ResNet-18 (all 10 classes x 3 seeds: mean retain drop 0.57 / 0.01 points, 8 /
+    # 14 steps), MobileNetV3 and ViT (classes 0, 3, 7), but AllCNN class 3 lost 4.38 points in
+    # 6 steps (3.66 with step_kl=0.01) and the README's Python example (4 synthetic classes,
+    # noise surrogates) lost a whole kept class, so it is not the default.
     forget_distill: float = 0.0
 
     def validate(self) -> None:
