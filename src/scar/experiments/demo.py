@@ -9,8 +9,10 @@ ordinary grid run, so a second call reuses the cached checkpoints and the finish
 After the grid it also writes the audit page of its SCAR request (:func:`write_demo_audit_page`):
 SCAR is run once more through the same request pipeline, on the grid's cached original, with the
 cached oracle as the retrained reference, keeping the outputs the page plots (the grid's rows keep
-none); the unlearned checkpoint it audits is saved beside the page. Both are rewritten atomically
-on every call (seconds with the default model); the original and the oracle are never retrained.
+none), and the original, the oracle and the unlearned model are audited again (with the default
+model SCAR takes seconds, the three audits most of the step's minute or two on 2 CPU cores). The
+unlearned checkpoint it audits is saved beside the page; each file is replaced atomically on every
+call; the original and the oracle are never retrained.
 """
 
 from __future__ import annotations
