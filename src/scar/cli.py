@@ -453,7 +453,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import time
 
-    from scar.experiments.demo import run_demo
+    from scar.experiments.demo import AUDIT_METHOD, run_demo
     from scar.experiments.report import format_markdown_table
 
     start = time.perf_counter()
@@ -463,6 +463,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_markdown_table(groups))
     print(f"\n{summary.ok} runs done, {summary.skipped} reused, {summary.failed} failed "
           f"in {time.perf_counter() - start:.0f}s; report: {written.get('markdown', args.out)}")
+    if "audit" in written:
+        print(f"audit page of the {AUDIT_METHOD} request: {written['audit']}")
     return 0 if summary.failed == 0 else 1
 
 

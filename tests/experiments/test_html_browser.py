@@ -21,12 +21,14 @@ import yaml
 from scar.data.datasets import load_dataset
 from scar.data.forget import ForgetSpec
 from scar.evaluation.audit import SPLIT_NAMES
+from scar.experiments.demo import audit_checkpoints
 from scar.experiments.grid import load_grid
 from scar.experiments.html_report import accuracy_text, write_request_page
 from scar.experiments.report import build_report
 from scar.experiments.request import UnlearnRequest, run_request
 from scar.experiments.runner import run_grid
 from scar.experiments.store import ResultsStore, ok_rows
+from scar.models.pretrained import sha256
 from scar.training.workflow import TrainJob, run_train_job
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -127,8 +129,9 @@ def audit_page(tmp_path_factory):
     return page, result
 
 
-def test_audit_page_in_a_browser(browser, audit_page):
-    page, result = audit_page
+def check_audit_page(browser, page: Path, result) -> str:
+    """Load the audit page of ``result`` (a RequestResult with an oracle and the MIA): the
+    browser checks, then its tables hold the result's numbers; returns the page's text."""
     seen = load(browser, page)
     check_page(seen, min_images=2)  # per-class accuracy and the feature projection
     header, rows = table_with(seen["tables"], "model", "train_forget")
@@ -149,9 +152,24 @@ def test_audit_page_in_a_browser(browser, audit_page):
         assert row[2] == f"{m['mia/auc']:.3f} ± {m['mia/auc_std']:.3f}"
     text = page.read_text()
     assert "Verdict:" in text and result.method.name in text
-    from scar.models.pretrained import sha256
-
     assert sha256(result.saved) in text and sha256(result.checkpoint.path) in text
+    return text
+
+
+def test_audit_page_in_a_browser(browser, audit_page):
+    check_audit_page(browser, *audit_page)
+
+
+def test_demo_audit_page_in_a_browser(browser, tiny_demo, demo_audit):
+    """The page ``scar demo`` writes of its SCAR request, by the demo's own code (run_demo on
+    the tiny grid, then its page step again for the RequestResult to compare with)."""
+    _, _, written = tiny_demo
+    page, result = demo_audit
+    assert page == written["audit"]
+    text = check_audit_page(browser, page, result)
+    run_dir, grid, _ = tiny_demo
+    oracle = audit_checkpoints(run_dir, grid)["oracle"]
+    assert result.method.name == "scar" and sha256(oracle) in text
 
 
 # ---------------------------------------------------------------- the grid report

@@ -79,7 +79,7 @@ from scar.experiments.grid import (
     stable_hash,
 )
 from scar.experiments.labels import removed_names
-from scar.experiments.request import UnlearnRequest, feature_pair, run_request
+from scar.experiments.request import RequestResult, UnlearnRequest, feature_pair, run_request
 from scar.experiments.store import ResultsStore
 from scar.experiments.unlearn import check_dataset_matches, given_checkpoint, load_surrogate_for
 from scar.utils import (
@@ -376,15 +376,9 @@ def run_method(task: MethodTask) -> dict[str, Any]:
         bundle = cached_dataset(spec, settings)
         ck = load_original(spec, task.original, bundle)
         splits = make_splits(bundle, spec.forget)
-        membership = None
-        if spec.audit is not None:
-            membership = membership_audit(spec, ck, bundle, splits, settings, device)
-        result = run_request(ck, bundle, request_of(spec), device=device,
-                             progress=settings.progress,
-                             surrogate=lambda ck: cached_surrogate(ck, spec, settings),
-                             a_or=task.a_or, membership=membership,
-                             oracle_outputs=oracle_outputs(task.oracle, splits, spec, settings,
-                                                           device))
+        result = run_spec_request(spec, ck, bundle, settings, device, a_or=task.a_or,
+                                  oracle_outputs=oracle_outputs(task.oracle, splits, spec,
+                                                                settings, device))
     except Exception as exc:  # noqa: BLE001 - recorded as a failed row; the sweep goes on
         log_failure(spec, exc)
         return make_row(spec, error=exc, device=device)
@@ -396,6 +390,21 @@ def run_method(task: MethodTask) -> dict[str, Any]:
             log.warning("feature snapshot of %s failed: %s", spec.run_id, describe(exc))
     return make_row(spec, metrics=metrics, access=result.access, device=device,
                     info=result.outcome.info, class_names=bundle.info.class_names)
+
+
+def run_spec_request(spec: RunSpec, ck: Checkpoint, bundle: DatasetBundle, settings: Settings,
+                     device, **kwargs: Any) -> RequestResult:
+    """:func:`~scar.experiments.request.run_request` of the grid run ``spec`` on its original
+    ``ck`` (data ``bundle``): the sweep's cached surrogate set and the run's membership audit;
+    ``kwargs`` go to ``run_request`` (``a_or``; ``references``, ``out``, ``keep_outputs`` for
+    ``scar demo``'s audit page)."""
+    membership = None
+    if spec.audit is not None:
+        membership = membership_audit(spec, ck, bundle, make_splits(bundle, spec.forget),
+                                      settings, device)
+    return run_request(ck, bundle, request_of(spec), device=device, progress=settings.progress,
+                       surrogate=lambda ck: cached_surrogate(ck, spec, settings),
+                       membership=membership, **kwargs)
 
 
 def request_of(spec: RunSpec) -> UnlearnRequest:
