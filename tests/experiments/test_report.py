@@ -231,6 +231,20 @@ def test_swept_hyperparameters_get_their_own_rows(tmp_path):
     assert names == ["original", "retrain", "scar [lambda_2=unset]", "scar [lambda_2=5]"]
 
 
+def test_retain_free_methods_come_before_those_that_read_retain_data():
+    """Within a table: original, retrain, the retain-free methods, then the others (here a
+    method whose rows read the retain set, listed first in the file, and one that does not
+    say), each group in file order."""
+    uses = {"required": [], "images_loaded": {"retain": 10}, "profile": USES_RETAIN}
+    rows = [make_row("scar", c, run_id=f"ft-{c}", method="finetune", access=uses)
+            for c in (0, 1)]
+    rows += [make_row("scar", c, run_id=f"unknown-{c}", method="mystery", access=None)
+             for c in (0, 1)]
+    rows += all_rows()
+    names = [g.method for g in summarize(rows)]
+    assert names == ["original", "retrain", "scar", "finetune", "mystery"]
+
+
 def test_a_preset_is_named_in_the_row_label(tmp_path):
     rows = all_rows()
     rows += [make_row("scar", c, run_id=f"scar-ref-{c}", preset="reference",

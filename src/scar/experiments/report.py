@@ -362,7 +362,8 @@ def _summarize_group(
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[GroupSummary]:
     """Ok rows grouped by (dataset, model, scenario, method): tables sorted by key, rows ordered
-    original, retrain, then methods in order of first appearance."""
+    original, retrain, then the retain-free methods, then the others (those that read retain
+    data, or whose rows do not say), each group in order of first appearance."""
     good = ok_rows(rows)
     labels = method_labels(good)
     originals = _originals(good)
@@ -372,9 +373,17 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[GroupSummary]:
     out: list[GroupSummary] = []
     for key in sorted(groups):
         by_label = groups[key]
-        for label in method_order(list(by_label)):
-            out.append(_summarize_group(key, label, by_label[label], originals))
+        table = [_summarize_group(key, label, by_label[label], originals)
+                 for label in method_order(list(by_label))]
+        out += sorted(table, key=_access_rank)  # stable: first appearance within a group
     return out
+
+
+def _access_rank(group: GroupSummary) -> int:
+    """0 original / retrain, 1 retain-free methods, 2 the rest."""
+    if group.method in (ORIGINAL, RETRAIN):
+        return 0
+    return 1 if group.retain_free == "yes" else 2
 
 
 def split_tables(groups: Sequence[GroupSummary]) -> dict[tuple[str, str, str], list[GroupSummary]]:
