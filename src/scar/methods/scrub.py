@@ -35,13 +35,6 @@ Where we deviate, and why:
 - The paper's "SCRUB+R" rewinding (for selective removal against membership inference) needs a
   validation set of the forget distribution this toolkit does not pass to a method: not
   implemented.
-- The max-steps are unbounded: on Fashion-MNIST class removal (fastcnn, 6,000 forget images,
-  188 max-steps a pass) the student's weights overflowed to NaN after ~70 max-steps and the run
-  failed (``benchmarks/fmnist_cr_all_methods``, classes 0 and 3). Here a max-pass ends at the
-  last step whose weights and buffers were all finite (they are restored) and the epoch goes
-  on with its min-steps, which is what the official loop would do had the overflow not
-  happened; ``history_`` records ``max_pass_cut`` at that step. A non-finite *min*-step still
-  ends the run with the last finite model.
 - At the very first max-step the student equals the teacher; in eval mode the KL and its gradient
   would be exactly 0. The student runs in train mode (as in the code), so BatchNorm batch
   statistics make the two differ from the first step on; a model without BatchNorm or dropout
@@ -78,7 +71,6 @@ from scar.methods.base import (
     seeded,
     stop_target,
 )
-from scar.models.base import nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +157,9 @@ class SCRUB(Method):
                 for epoch in range(1, self.epochs + 1):
                     for group in opt.param_groups:
                         group["lr"] = self.lr_at(epoch)
-                    if epoch <= self.msteps:
-                        self._pass("max", model, original, forget, opt, epoch, bar)
-                    if not self._pass("min", model, original, retain, opt, epoch, bar):
+                    ok = epoch > self.msteps or self._pass("max", model, original, forget,
+                                                             opt, epoch, bar)
+                    if not (ok and self._pass("min", model, original, retain, opt, epoch, bar)):
                         break  # non-finite loss: keep the last finite model
                     if target is not None:
                         fc = check_below(model, data.loader("forget", EVAL_BATCH,
@@ -185,12 +177,9 @@ class SCRUB(Method):
 
     def _pass(self, phase: str, model: nn.Module, teacher: nn.Module, loader, opt,
               epoch: int, bar) -> bool:
-        """One pass of ``phase`` steps over ``loader``. False if it was cut short: a max-pass
-        at a step that made a weight or buffer non-finite (the state before that step is
-        restored), any pass at a non-finite loss."""
+        """One pass of ``phase`` steps over ``loader``; False if a loss was not finite."""
         model.train()
         for batch in loader:
-            before = finite_snapshot(model) if phase == "max" else None
             logits = model(batch.x)
             with torch.no_grad():
                 teacher_logits = teacher(batch.x)
@@ -199,21 +188,10 @@ class SCRUB(Method):
             if not torch.isfinite(loss):
                 log.warning("scrub: non-finite loss in a %s-step; stopping with the last "
                             "finite model.", phase)
-                if before is not None:
-                    model.load_state_dict(before)
                 return False
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if before is not None and nonfinite(model):
-                model.load_state_dict(before)
-                opt.state.clear()  # its moments hold the overflowing step
-                log.warning("scrub: max-step %d of epoch %d overflowed the weights; the "
-                            "max-pass ends at the last finite weights.", len(self.history_) + 1,
-                            epoch)
-                self.record(epoch=epoch, step=len(self.history_) + 1, max_step=True,
-                            max_pass_cut=True, lr=opt.param_groups[0]["lr"])
-                return False
             acc = float((logits.detach().argmax(1) == batch.y).float().mean())
             self.record(epoch=epoch, step=len(self.history_) + 1, max_step=phase == "max",
                         loss=float(loss.detach()), **terms,
@@ -221,8 +199,3 @@ class SCRUB(Method):
                         lr=opt.param_groups[0]["lr"])
             bar.update(1)
         return True
-
-
-def finite_snapshot(model: nn.Module) -> dict[str, Tensor]:
-    """A copy of ``model``'s state to restore after a step that overflows it."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -47,16 +47,11 @@ def build_model(spec: ModelSpec) -> nn.Module:
                    **spec.kwargs)
 
 
-def nonfinite(model: nn.Module) -> list[str]:
-    """Names of ``model``'s floating-point parameters and buffers that hold NaN or inf."""
-    return [name for name, t in [*model.named_parameters(), *model.named_buffers()]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
 def check_finite(model: nn.Module, what: str, progress: str) -> None:
     """Raise DivergedError when a parameter or buffer of ``model`` holds NaN or inf
     (``progress`` says how far the run got, e.g. "after 12 steps")."""
-    bad = nonfinite(model)
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
         raise DivergedError(
