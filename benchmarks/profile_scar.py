@@ -50,6 +50,7 @@ PHASES = {
     "build_head": "precision matrices (shrink, pinv, factors)",
     "assign_targets": "target assignment (nearest wrong class, on first sight)",
     "surrogate_source": "teacher passes: surrogate set-up",
+    "calibrate": "step-size calibration (at the first step: probes on held-out surrogates)",
     "confirm_stop": "stopping checks (forget-set passes; a failing one ends early)",
 }
 TEACHER_STEP = "teacher passes: per-step targets"
