@@ -3,6 +3,8 @@ says whether the audit separates the original from the oracle."""
 
 from __future__ import annotations
 
+import pytest
+
 from scar.evaluation.lr_attack import AuditResult
 from scar.experiments.report import audit_separation_note, format_markdown_table, summarize
 
@@ -43,3 +45,21 @@ def test_no_audit_no_columns_no_note():
     groups = summarize([_row("original", 0, None), _row("retrain", 0, None)])
     assert "audit" not in format_markdown_table(groups)
     assert audit_separation_note(groups) is None
+
+
+def test_every_method_is_placed_between_oracle_and_original():
+    """0 = the oracle's audit AUC, 1 = the original's; outside [0, 1] is reported as such."""
+    from scar.experiments.report import audit_position_note, audit_positions
+
+    rows = [_row("original", 0, _audit(0.80, 0.03)), _row("retrain", 0, _audit(0.50, 0.03)),
+            _row("scar", 0, _audit(0.65, 0.03)), _row("finetune", 0, _audit(0.86, 0.03)),
+            _row("negative_gradient", 0, _audit(0.47, 0.03))]
+    groups = summarize(rows)
+    positions = audit_positions(groups)
+    assert positions.keys() == {"scar", "finetune", "negative_gradient"}
+    assert positions["scar"] == pytest.approx(0.5)
+    assert positions["finetune"] == pytest.approx(1.2)
+    assert positions["negative_gradient"] == pytest.approx(-0.1)
+    note = audit_position_note(groups)
+    assert note.endswith("negative_gradient -0.10, scar 0.50, finetune 1.20.")
+    assert audit_position_note(summarize(rows[2:])) is None  # no original / oracle: no scale

@@ -536,6 +536,32 @@ def audit_separation_note(groups: Sequence[GroupSummary]) -> str | None:
     return f"Membership audit: {note}" + (f" (means over {n} forget requests)" if n > 1 else "")
 
 
+def audit_positions(groups: Sequence[GroupSummary]) -> dict[str, float]:
+    """Each method's mean audit AUC on the scale from the oracle's (0) to the original's (1):
+    (AUC − AUC_oracle) / (AUC_original − AUC_oracle). Below 0: the forget images look less like
+    members than to the oracle; above 1: more than to the original. Empty without audit numbers
+    for both, or when they are equal."""
+    by_method = {g.method: g for g in groups}
+    pair = [by_method.get(ORIGINAL), by_method.get(RETRAIN)]
+    if any(g is None or "audit/auc" not in g.stats for g in pair):
+        return {}
+    top, zero = (g.stats["audit/auc"].mean for g in pair)
+    if top == zero:
+        return {}
+    return {g.method: (g.stats["audit/auc"].mean - zero) / (top - zero) for g in groups
+            if g.method not in (ORIGINAL, RETRAIN) and "audit/auc" in g.stats}
+
+
+def audit_position_note(groups: Sequence[GroupSummary]) -> str | None:
+    """Where each method's audit AUC lies between the oracle (0) and the original (1)."""
+    positions = audit_positions(groups)
+    if not positions:
+        return None
+    cells = ", ".join(f"{m} {v:.2f}" for m, v in sorted(positions.items(), key=lambda kv: kv[1]))
+    return ("Audit AUC between the oracle (0) and the original (1), "
+            f"(AUC − oracle's) / (original's − oracle's), lowest first: {cells}.")
+
+
 #: What each metric beside the accuracies means: (a metric key that shows it, the note).
 METRIC_NOTES: tuple[tuple[str, str], ...] = (
     ("js/train_forget", "JS to oracle: mean Jensen–Shannon divergence between the model's and "
@@ -785,9 +811,7 @@ def table_notes(key: tuple[str, str, str], table: Sequence[GroupSummary]) -> lis
     """The notes under a table (MIA and membership-audit separation, oracles, device,
     units)."""
     notes = [mia_separation_note(table)]
-    audit = audit_separation_note(table)
-    if audit:
-        notes.append(audit)
+    notes += [n for n in (audit_separation_note(table), audit_position_note(table)) if n]
     notes += metric_notes(table)
     oracles = oracle_note(table)
     if oracles:
