@@ -227,3 +227,63 @@ def test_forget_distill_forgets_without_the_metric_term_and_is_class_removal_onl
     assert float(acc) < 0.01 and d.touched().get("retain", 0) == 0
     with pytest.raises(ConfigError, match="class removal only"):
         method.unlearn(tiny_model, data(hr_splits, "HR"))
+
+
+def test_next_choice_destination_is_the_highest_other_class_with_statistics():
+    from scar.methods.scar_method import next_choice_class
+
+    logits = torch.tensor([[5.0, 2.0, 1.0, 4.0], [1.0, 0.0, 3.0, 2.0], [0.0, 9.0, 1.0, 2.0]])
+    labels = torch.tensor([0, 2, 0])
+    # class 3 has no statistics (e.g. a second removed class): never a destination
+    kept = torch.tensor([0, 1, 2])
+    assert next_choice_class(logits, labels, kept).tolist() == [1, 0, 1]
+    assert next_choice_class(logits, labels, torch.arange(4)).tolist() == [3, 3, 1]
+
+
+@pytest.mark.parametrize("destination", ["mahalanobis", "next_choice"])
+def test_the_destination_rule_picks_each_forget_images_target(destination, tiny_model, synth,
+                                                              cr_splits, tiny_surrogate):
+    """The run's targets are the teacher's next choice (or the nearest Gaussian), and both
+    forget the class without reading retain images."""
+    from scar.methods.scar_method import next_choice_class
+
+    d = UnlearnData(input_spec=synth.info.input_spec, num_classes=synth.info.num_classes,
+                    scenario="CR", removed_classes=cr_splits.removed_classes,
+                    forget=cr_splits.train_forget, surrogate=tiny_surrogate, stats=None,
+                    original_test_acc=0.9, seed=0)
+    method = build_method("scar", stats="surrogate", destination=destination)
+    seen = []
+    original_assign = method.assign_targets
+
+    def spy(teacher, head, targets, batch):
+        original_assign(teacher, head, targets, batch)
+        with torch.no_grad():
+            feats, logits = teacher(batch.x)
+        expected = (next_choice_class(logits, batch.y, head.class_ids)
+                    if destination == "next_choice" else head.nearest_wrong_class(feats, batch.y))
+        seen.append(bool(torch.equal(targets.targets[batch.idx], expected)))
+
+    method.assign_targets = spy
+    model = method.unlearn(tiny_model, d)
+    assert seen and seen[0]  # the first batch: every target fresh from the rule
+    loader = d.loader("forget", 256, shuffle=False)
+    with torch.no_grad():
+        acc = torch.cat([model(b.x).argmax(1) == b.y for b in loader]).float().mean()
+    assert float(acc) < 0.01 and d.touched().get("retain", 0) == 0
+
+
+@pytest.mark.parametrize("destination", ["mahalanobis", "next_choice"])
+def test_destinations_follow_the_configured_rule(destination):
+    """SCAR.destinations: the head's nearest Gaussian or the logits' next choice, not both."""
+
+    class Head:
+        class_ids = torch.tensor([0, 1, 2])
+
+        def nearest_wrong_class(self, feats, labels):
+            return torch.full_like(labels, 2)
+
+    logits = torch.tensor([[5.0, 4.0, 1.0], [0.0, 1.0, 3.0]])
+    labels = torch.tensor([0, 2])
+    method = build_method("scar", destination=destination)
+    out = method.destinations(Head(), torch.zeros(2, 4), logits, labels)
+    assert out.tolist() == ([1, 1] if destination == "next_choice" else [2, 2])

@@ -138,6 +138,7 @@ _SCAR_COMMON: dict[str, Any] = {
     "mask_min": "kept",  # the CR mask value: minimum over the kept rows
     "augment": True,  # retain and CR surrogate images through the training augmentation
     "forget_distill": 0.0,  # no distillation on the forget images
+    "destination": "mahalanobis",  # Q*(x): the nearest wrong class's Gaussian
 }
 _SCAR: dict[str, Any] = {
     **_SCAR_COMMON,

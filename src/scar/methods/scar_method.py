@@ -69,6 +69,11 @@ STOP_CHECKS = ("auto", "epoch", "step")
 #: is first reached (spec §3), or the current student at the first step on each forget batch,
 #: from that step's own features (the reference code, spec §10).
 TARGET_SOURCES = ("original", "current")
+#: How each forget image's destination class Q*(x) is chosen: the kept class whose Gaussian is
+#: nearest in Mahalanobis distance (spec §3), or the model's own next choice, the kept class
+#: with the highest logit after the image's label (``destination``). Either way the image's
+#: features are then pulled to that class's Gaussian.
+DESTINATIONS = ("mahalanobis", "next_choice")
 #: Where the HR per-class gate reads each class's forget accuracy: each image's latest step or
 #: check, or a full eval-mode pass over the forget set after every step (the reference).
 GATE_SOURCES = ("latest", "full")
@@ -138,6 +143,17 @@ def next_choice_targets(teacher_logits: torch.Tensor, removed: torch.Tensor) -> 
     t = teacher_logits.clone()
     t[:, removed] = teacher_logits.min()
     return t
+
+
+def next_choice_class(logits: torch.Tensor, labels: torch.Tensor, class_ids: torch.Tensor
+                      ) -> torch.Tensor:
+    """``[B]`` class ids: per row, the class of ``class_ids`` other than the row's label with the
+    highest logit (the model's next choice among the classes with statistics)."""
+    allowed = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    allowed[class_ids.to(logits.device)] = True
+    own = torch.zeros_like(logits, dtype=torch.bool)
+    own[torch.arange(len(logits), device=logits.device), labels.to(logits.device)] = True
+    return logits.masked_fill(own | ~allowed, float("-inf")).argmax(1)
 
 
 def balanced_weights(predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -265,6 +281,7 @@ class SCAR(Method):
     # logits computed once (spec §1, §4). HR surrogates are never augmented (spec §4).
     augment: bool = False
     targets_from: str = "original"  # TARGET_SOURCES; "current" is the reference
+    destination: str = "mahalanobis"  # DESTINATIONS; "mahalanobis" is the paper's
     hr_gate_from: str = "latest"  # GATE_SOURCES; "full" is the reference (a pass per step)
     # Surrogate cover (an extension; 0 = off, the reference). Distillation protects only the
     # decision regions the surrogate images fall in, and a source the model sees as one class
@@ -324,6 +341,7 @@ class SCAR(Method):
         check_choice("stop_check", self.stop_check, STOP_CHECKS)
         check_choice("tukey_mode", self.tukey_mode, ("signed", "clamp"))
         check_choice("targets_from", self.targets_from, TARGET_SOURCES)
+        check_choice("destination", self.destination, DESTINATIONS)
         check_choice("hr_gate_from", self.hr_gate_from, GATE_SOURCES)
 
     def required_data(self) -> frozenset[str]:
@@ -385,8 +403,15 @@ class SCAR(Method):
         new = ~targets.seen[batch.idx]
         if bool(new.any()):
             feats, logits = teacher(batch.x[new])
-            targets.set(batch.idx[new], head.nearest_wrong_class(feats, batch.y[new]),
+            targets.set(batch.idx[new], self.destinations(head, feats, logits, batch.y[new]),
                         logits.argmax(1) == batch.y[new])
+
+    def destinations(self, head: MahalanobisHead, feats: torch.Tensor, logits: torch.Tensor,
+                     labels: torch.Tensor) -> torch.Tensor:
+        """Q*(x) of each image (see ``destination``)."""
+        if self.destination == "next_choice":
+            return next_choice_class(logits, labels, head.class_ids)
+        return head.nearest_wrong_class(feats, labels)
 
     def surrogate_source(self, original: nn.Module, data: UnlearnData, surrogate: ImageSet):
         """(batches, teacher-target fn) for the distillation term.
@@ -516,7 +541,8 @@ class SCAR(Method):
                         feats, logits, s_logits = self.forward(student, fb.x, sb.x[keep])
                         if self.targets_from == "current" and k == 0:
                             with torch.no_grad():
-                                targets.set(fb.idx, head.nearest_wrong_class(feats, fb.y),
+                                targets.set(fb.idx, self.destinations(head, feats, logits,
+                                                                      fb.y),
                                             logits.argmax(1) == fb.y)
                         dist = head.distance_to(feats, targets.targets[fb.idx])
                         weights = self.sample_weights(targets.correct, forget_labels, fb.y, data)

@@ -253,7 +253,7 @@ class SCARSelfForget(SCAR):
                 feats, logits = student(sb.x)
                 proxy_feats, proxy_labels = feats[~keep], t_logits.argmax(1)[~keep]
                 with torch.no_grad():  # the targets of this step (the reference: every step)
-                    goal = head.nearest_wrong_class(proxy_feats, proxy_labels)
+                    goal = self.destinations(head, proxy_feats, logits[~keep], proxy_labels)
                 loss_m = self.lambda_1 * head.distance_to(proxy_feats, goal).mean()
                 loss_td = self.lambda_2 * divergence(t_kept, logits[keep], self.temperature) \
                     if bool(keep.any()) else torch.zeros((), device=data.device)
