@@ -284,8 +284,9 @@ class SCAR(Method):
     # DESTINATIONS; "mahalanobis" is the paper's. "next_choice" (an extension under study):
     # Fashion-MNIST, test split (benchmarks/fmnist_arch_panel/destination/NOTES.md): fastcnn all
     # 10 x 3 seeds mean / worst retain drop 0.98 / 2.81 points vs 1.63 / 4.60, ResNet-18 all 10
-    # -0.05 / 1.02 vs 0.38 / 1.56, MobileNetV3 level; but the README's Python example loses a
-    # kept class (its runner-up logits point to a far class) and fastcnn takes 34 steps vs 25.
+    # -0.05 / 1.02 vs 0.38 / 1.56, MobileNetV3 level; but ViT (classes 0, 3, 7) 1.28 / 2.91 vs
+    # 0.53 / 1.42, the README's Python example loses a kept class (its runner-up logits point
+    # to a far class) and fastcnn takes 34 steps vs 25.
     destination: str = "mahalanobis"
     hr_gate_from: str = "latest"  # GATE_SOURCES; "full" is the reference (a pass per step)
     # Surrogate cover (an extension; 0 = off, the reference). Distillation protects only the
