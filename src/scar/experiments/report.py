@@ -520,13 +520,21 @@ def mia_separation_note(groups: Sequence[GroupSummary], margin: float = MIA_MARG
     )
 
 
+def _audited_pair(groups: Sequence[GroupSummary]) -> list[GroupSummary] | None:
+    """[original, retrain] of a table when both carry the membership audit, else None."""
+    by_method = {g.method: g for g in groups}
+    pair = [by_method.get(ORIGINAL), by_method.get(RETRAIN)]
+    if any(g is None or "audit/auc" not in g.stats for g in pair):
+        return None
+    return pair
+
+
 def audit_separation_note(groups: Sequence[GroupSummary]) -> str | None:
     """Whether the membership audit separates the original model from the retrained one
     (:func:`~scar.evaluation.audit.audit_note` on the means over forget requests, CI bounds
     averaged too); None when the table has no audit numbers for both."""
-    by_method = {g.method: g for g in groups}
-    pair = [by_method.get(ORIGINAL), by_method.get(RETRAIN)]
-    if any(g is None or "audit/auc" not in g.stats for g in pair):
+    pair = _audited_pair(groups)
+    if pair is None:
         return None
     means = {name: {**{k: s.mean for k, s in g.stats.items() if k.startswith("audit/")},
                     "audit/attack": g.audit_attack or "likelihood-ratio"}
@@ -541,9 +549,8 @@ def audit_positions(groups: Sequence[GroupSummary]) -> dict[str, float]:
     (AUC − AUC_oracle) / (AUC_original − AUC_oracle). Below 0: the forget images look less like
     members than to the oracle; above 1: more than to the original. Empty without audit numbers
     for both, or when they are equal."""
-    by_method = {g.method: g for g in groups}
-    pair = [by_method.get(ORIGINAL), by_method.get(RETRAIN)]
-    if any(g is None or "audit/auc" not in g.stats for g in pair):
+    pair = _audited_pair(groups)
+    if pair is None:
         return {}
     top, zero = (g.stats["audit/auc"].mean for g in pair)
     if top == zero:
