@@ -243,8 +243,9 @@ def test_next_choice_destination_is_the_highest_other_class_with_statistics():
 @pytest.mark.parametrize("destination", ["mahalanobis", "next_choice"])
 def test_the_destination_rule_picks_each_forget_images_target(destination, tiny_model, synth,
                                                               cr_splits, tiny_surrogate):
-    """The run's targets are the teacher's next choice (or the nearest Gaussian), and both
-    forget the class without reading retain images."""
+    """The run's targets come from the configured rule, and both rules forget the class without
+    reading retain images. (On these fixtures the two rules agree on every image; that each
+    rule is the one applied is pinned by test_destinations_follow_the_configured_rule.)"""
     from scar.methods.scar_method import next_choice_class
 
     d = UnlearnData(input_spec=synth.info.input_spec, num_classes=synth.info.num_classes,
