@@ -279,6 +279,7 @@ def load_reference(path: str | Path, ck, bundle, flag: str):
 @command("unlearn")
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from scar.checkpoint import check_output, input_files, sidecar_path
+    from scar.data.forget import make_splits
     from scar.experiments.request import UnlearnRequest, run_request
     from scar.experiments.unlearn import unlearned_path
     from scar.utils import resolve_device
@@ -299,15 +300,19 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                              surrogate=args.surrogate, surrogate_n=args.surrogate_n,
                              seed=args.seed, mia=args.mia, relearn=relearn_from_args(args))
     device = resolve_device(args.device)
+    membership = membership_from_args(args, ck, bundle, make_splits(bundle, request.forget),
+                                      device)
     result = run_request(ck, bundle, request, device=device,
                          progress=not args.quiet, data_dir=args.data_dir,
-                         references=references, out=Path(args.out), keep_outputs=bool(page))
+                         references=references, out=Path(args.out), keep_outputs=bool(page),
+                         membership=membership)
     preset = f" (preset {args.preset})" if args.preset else ""
     print(f"{result.method.name}{preset} on {result.splits.spec.describe()}: "
           f"{result.seconds:.1f}s on {result.data.device} "
           f"({result.outcome.info.get('stop_reason_', 'done')})")
     print(f"data access: {result.outcome.profile}")
     print(format_summary(result.results(), result.scenario))
+    print_notes(result.results())
     print(f"unlearned checkpoint: {result.saved}")
     if page:
         from scar.experiments.html_report import write_request_page
@@ -352,6 +357,39 @@ def relearn_from_args(args: argparse.Namespace):
     if sets and not args.relearn:
         raise ConfigError("--relearn-set needs --relearn.")
     return RelearnSettings.parse(sets or args.relearn)
+
+
+def add_audit_args(p: argparse.ArgumentParser, default_dir: str) -> None:
+    p.add_argument("--audit", default=None, metavar="ATTACK",
+                   help="also run a likelihood-ratio membership audit with reference models "
+                        "(see `scar list audits`: rmia, lira); the reference models are "
+                        "trained once like the original and cached")
+    p.add_argument("--references", type=int, default=4, metavar="K",
+                   help="number of reference models of --audit (even; default 4)")
+    p.add_argument("--references-dir", default=None, metavar="DIR",
+                   help=f"where reference models are cached (default: {default_dir})")
+
+
+def membership_from_args(args: argparse.Namespace, original, bundle, splits, device):
+    """The likelihood-ratio audit of ``--audit`` (None without it): reference models of
+    ``original`` (trained on its data, cached under ``--references-dir``, else beside it)."""
+    if not args.audit:
+        return None
+    from scar.experiments.references import prepare_audit
+
+    folder = Path(args.references_dir) if args.references_dir else (
+        original.path.parent if original.path is not None else Path("checkpoints"))
+    return prepare_audit(original, bundle, splits, args.audit, folder, count=args.references,
+                         device=device, data_dir=args.data_dir, progress=not args.quiet)
+
+
+def print_notes(results: dict) -> None:
+    """The MIA and audit notes of ``results`` (whether each separates original and oracle)."""
+    from scar.evaluation.audit import audit_note, mia_note
+
+    for note in (mia_note(results), audit_note(results)):
+        if note:
+            print(note)
 
 
 def format_summary(results: dict, scenario: str) -> str:
@@ -411,16 +449,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     models["evaluated"] = ck.model
     scenario = scenario_of(spec)
     device = resolve_device(args.device)
-    membership = None
-    if args.audit:
-        from scar.experiments.references import prepare_audit
-
-        original = references.get("original", ck)
-        folder = Path(args.references_dir) if args.references_dir else (
-            original.path.parent if original.path is not None else Path("checkpoints"))
-        membership = prepare_audit(original, bundle, splits, args.audit, folder,
-                                   count=args.references, device=device,
-                                   data_dir=args.data_dir, progress=not args.quiet)
+    membership = membership_from_args(args, references.get("original", ck), bundle, splits,
+                                      device)
     results, outputs = audit_models(models, splits, ck.input_spec, scenario, device=device,
                                     mia=not args.no_mia, mia_variant=args.mia_variant,
                                     audit=membership, relearn=relearn_from_args(args))
@@ -430,9 +460,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "access": ck.meta.get("access"), "unlearn_seconds": ck.meta.get("unlearn_seconds"),
               "device_name": ck.meta.get("device_name")}
     print(format_summary(results, scenario))
-    for key in ("mia_note", "audit_note"):
-        if report[key]:
-            print(report[key])
+    print_notes(results)
     if ck.meta.get("access"):
         print(f"data access: {ck.meta['access']['profile']}")
     if args.out:
@@ -539,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracle", default=None,
                    help="retrained checkpoint (without the forget set) to audit alongside "
                         "(also gives each model's JS divergence to its outputs)")
+    add_audit_args(p, "the checkpoint's folder")
     add_relearn_args(p)
     p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
                    help="also write a self-contained HTML audit page (default: next to the "
@@ -566,14 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_forget_args(p)
     p.add_argument("--no-mia", action="store_true", help="skip the membership-inference attack")
     p.add_argument("--mia-variant", default="balanced", choices=["balanced", "reference"])
-    p.add_argument("--audit", default=None, metavar="ATTACK",
-                   help="also run a likelihood-ratio membership audit with reference models "
-                        "(see `scar list audits`: rmia, lira); the reference models are "
-                        "trained once like the original and cached")
-    p.add_argument("--references", type=int, default=4, metavar="K",
-                   help="number of reference models of --audit (even; default 4)")
-    p.add_argument("--references-dir", default=None, metavar="DIR",
-                   help="where reference models are cached (default: the original's folder)")
+    add_audit_args(p, "the original's folder")
     p.add_argument("--out", default=None, help="write the JSON report here (else stdout)")
     p.add_argument("--report", nargs="?", const=True, default=None, metavar="PATH",
                    help="also write a self-contained HTML audit page (default: next to the "

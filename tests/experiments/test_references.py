@@ -172,6 +172,36 @@ def test_cli_evaluate_with_audit(audit_original, fake_fmnist_dir, tmp_path, caps
     assert "audit/auc" in capsys.readouterr().out
 
 
+def test_cli_unlearn_with_audit(audit_original, fake_fmnist_dir, tmp_path, capsys):
+    """`scar unlearn --audit`: the original and the unlearned model carry the audit, computed
+    with the same reference models as `scar evaluate --audit`, and the page shows it."""
+    ck, _, _ = audit_original
+    refs, out = tmp_path / "refs", tmp_path / "unlearned.safetensors"
+    common = ["--forget-count", "6", "--audit", "lira", "--references", "2",
+              "--references-dir", str(refs), "--data-dir", str(fake_fmnist_dir),
+              "--device", "cpu"]
+    code = main(["-q", "unlearn", "--checkpoint", str(ck.path), "--method",
+                 "negative_gradient", "--set", "epochs=1", *common, "--out", str(out),
+                 "--report", str(tmp_path / "page.html")])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "audit/auc" in printed
+    assert len(list(refs.glob("*_reference*.safetensors"))) == 2
+    meta = load_checkpoint(out).meta
+    unlearned_auc = meta["metrics"]["audit/auc"]
+    # The same request through `scar evaluate` reuses the cached references: same AUC.
+    report = tmp_path / "eval.json"
+    assert main(["-q", "evaluate", "--checkpoint", str(out), "--original", str(ck.path),
+                 "--no-mia", *common, "--out", str(report)]) == 0
+    import json
+
+    evaluated = json.loads(report.read_text())["results"]
+    assert evaluated["evaluated"]["audit/auc"] == pytest.approx(unlearned_auc)
+    assert len(list(refs.glob("*_reference*.safetensors"))) == 2
+    page = (tmp_path / "page.html").read_text()
+    assert "Likelihood-ratio audit" in page and f"{unlearned_auc:.3f} [" in page
+
+
 def test_grid_with_audit(fake_fmnist_dir, tmp_path):
     """A grid with 'audit': the original, retrain and method rows carry the audit; reference
     models are cached with the other checkpoints and reused; run ids of grids without the key

@@ -27,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scar.evaluation.audit import AUS_KEYS, SPLIT_NAMES, mia_note
+from scar.evaluation.audit import AUS_KEYS, SPLIT_NAMES, audit_note, mia_note
+from scar.evaluation.lr_attack import AuditResult
 from scar.experiments.labels import DASH, ORIGINAL, RETRAIN, removed_names
 from scar.utils import atomic_write_text
 
@@ -225,6 +226,24 @@ def mia_table(results: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list
     return header, rows
 
 
+def lr_audit_table(results: Mapping[str, Mapping[str, Any]]
+                   ) -> tuple[list[str], list[list[str]]]:
+    """The likelihood-ratio membership audit per model (``--audit``): AUC and TPR at low FPR,
+    each with its bootstrap 95% CI."""
+    header = ["model", "attack", "AUC", "TPR @ 1% FPR", "TPR @ 0.1% FPR",
+              "members / non-members", "reference models"]
+    rows = []
+    for name, m in results.items():
+        audit = AuditResult.from_metrics(dict(m))
+        if audit is None:
+            continue
+        cells = [f"{audit.values[k]:.3f} [{audit.ci[k][0]:.3f}, {audit.ci[k][1]:.3f}]"
+                 for k in ("auc", "tpr@1%", "tpr@0.1%")]
+        rows.append([name, audit.attack, *cells, f"{audit.n_members} / {audit.n_nonmembers}",
+                     str(audit.n_references)])
+    return header, rows
+
+
 def verdict(results: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int],
             scenario: str, subject: str = "unlearned") -> str:
     """One line: the subject's forget accuracy against the retrained model's 95% band (or,
@@ -256,6 +275,17 @@ def verdict(results: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, int],
     return "Verdict: " + "; ".join(parts) + "."
 
 
+def lr_audit_html(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The likelihood-ratio audit's table and separation note ("" when it was not run)."""
+    header, rows = lr_audit_table(results)
+    if not rows:
+        return ""
+    note = audit_note(results)
+    return ("<p>Likelihood-ratio audit with reference models (per-example membership "
+            "scores); bootstrap 95% intervals in brackets.</p>" + table_html(header, rows)
+            + (f"<p>{esc(note)}</p>" if note else ""))
+
+
 def audit_page(facts: AuditFacts) -> str:
     """The audit page of one deletion request (pure)."""
     acc_header, acc_rows = accuracy_table(facts.results, facts.split_sizes)
@@ -275,8 +305,9 @@ def audit_page(facts: AuditFacts) -> str:
         section_html("Membership-inference audit",
                      ("<p>Mean ± sample std over the attack's repetitions.</p>"
                       + table_html(mia_header, mia_rows) if mia_rows else
-                      "<p>Not run (no MIA numbers).</p>")
-                     + (f"<p>{esc(note)}</p>" if note else "")),
+                      "<p>The simple membership-inference attack (MIA) was not run.</p>")
+                     + (f"<p>{esc(note)}</p>" if note else "")
+                     + lr_audit_html(facts.results)),
         section_html("Checkpoints", table_html(["role", "file", "sha256"], facts.checkpoints)),
         section_html("Method", table_html(["", ""], facts.method)),
         section_html("Data access", access, profile),
