@@ -42,6 +42,9 @@ def test_unlearn_then_unlearn_again(trained, tmp_path, capsys):
     assert rc == 0
     meta2 = json.loads(out2.with_suffix(".json").read_text())
     assert meta2["removed_classes"] == [1, 2]
+    # The original's training recipe travels down the chain (augmentation, audit references).
+    original_recipe = json.loads(trained.with_suffix(".json").read_text())["recipe"]
+    assert meta["recipe"] == meta2["recipe"] == original_recipe
 
     report = tmp_path / "audit.json"
     assert main(["-q", "evaluate", "--checkpoint", str(out1), "--no-mia", "--out",

@@ -185,9 +185,9 @@ def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, sp
                    dataset_options: Mapping[str, Any] | None = None,
                    preset: str | None = None) -> Path:
     """Write the unlearned checkpoint; its sidecar records the parent, method, hyperparameters
-    (and the preset they started from), data-access profile and time, so it can itself be
-    unlearned again. ``dataset_options``: the options the dataset was loaded with (default: the
-    parent's recorded ones)."""
+    (and the preset they started from), data-access profile, time and the parent's training
+    recipe, so it can itself be unlearned (and audited) again. ``dataset_options``: the options
+    the dataset was loaded with (default: the parent's recorded ones)."""
     path = unlearned_path(path)
     stats = ck.stats_path()
     meta = {
@@ -213,6 +213,9 @@ def save_unlearned(path: str | Path, outcome: UnlearnOutcome, ck: Checkpoint, sp
         "test_acc": (metrics or {}).get("acc/test", ck.meta.get("test_acc")),
         "metrics": metrics or {},
         "stats": os.path.relpath(stats, path.parent) if stats and stats.exists() else None,
+        # How the weights were first trained: a later request on this checkpoint reads its
+        # training augmentation, and its membership audit trains reference models that way.
+        "recipe": ck.meta.get("recipe"),
     }
     return save_checkpoint(path, outcome.model, ck.model_spec, ck.input_spec, meta)
 
