@@ -97,6 +97,24 @@ def test_mia_table_shows_the_spread():
                      ""]]
 
 
+def test_lr_audit_table_shows_each_value_with_its_interval():
+    from scar.evaluation.lr_attack import AuditResult
+
+    def audit(auc):
+        return AuditResult("rmia", {"auc": auc, "tpr@1%": 0.1, "tpr@0.1%": 0.0},
+                           {"auc": (auc - 0.03, auc + 0.03), "tpr@1%": (0.05, 0.15),
+                            "tpr@0.1%": (0.0, 0.01)}, 500, 500, 4).to_metrics()
+
+    results = {"original": audit(0.68), "retrain": audit(0.49), "unlearned": {"acc/test": 0.9}}
+    header, rows = pages.lr_audit_table(results)
+    assert header[2] == "AUC" and len(rows) == 2  # a model without the audit has no row
+    assert rows[0] == ["original", "rmia", "0.680 [0.650, 0.710]", "0.100 [0.050, 0.150]",
+                       "0.000 [0.000, 0.010]", "500 / 500", "4"]
+    html_text = pages.lr_audit_html(results)
+    assert "0.490 [0.460, 0.520]" in html_text and "separates" in html_text
+    assert pages.lr_audit_html({"unlearned": {"acc/test": 0.9}}) == ""
+
+
 def _rows() -> list[dict]:
     def row(method, cls, time):
         return {"run_id": f"{method}{cls}", "status": "ok", "dataset": "fashion-mnist",
