@@ -300,8 +300,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                              surrogate=args.surrogate, surrogate_n=args.surrogate_n,
                              seed=args.seed, mia=args.mia, relearn=relearn_from_args(args))
     device = resolve_device(args.device)
+    # run_request draws the same (deterministic) splits again; only --audit needs them here.
     membership = membership_from_args(args, ck, bundle, make_splits(bundle, request.forget),
-                                      device)
+                                      device) if args.audit else None
     result = run_request(ck, bundle, request, device=device,
                          progress=not args.quiet, data_dir=args.data_dir,
                          references=references, out=Path(args.out), keep_outputs=bool(page),
