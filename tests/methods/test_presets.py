@@ -18,6 +18,7 @@ SCAR_INERT = {
     "stop_window": "only used by stop_check 'auto'",
     "cover_steps": "cover_per_class is 0",
     "cover_lr": "cover_per_class is 0",
+    "forget_distill_on": "forget_distill is 0",
     "tukey_mode": "equal on the non-negative features of a ReLU net; no reference rule otherwise",
 }
 SELF_FORGET_INERT = {

@@ -229,6 +229,49 @@ def test_forget_distill_forgets_without_the_metric_term_and_is_class_removal_onl
         method.unlearn(tiny_model, data(hr_splits, "HR"))
 
 
+def test_forget_distill_reads_the_remembered_images_only():
+    from scar.methods.scar_method import forget_distill_loss
+
+    teacher = torch.tensor([[0.0, 3.0, 1.0], [0.0, 1.0, 2.0], [0.0, 2.0, 2.0]])
+    student = torch.tensor([[4.0, 1.0, 0.0],   # still class 0 (its label): read
+                            [0.0, 3.0, 1.0],   # forgotten: left out
+                            [2.0, 1.0, 1.0]], requires_grad=True)  # still class 0: read
+    labels = torch.tensor([0, 0, 0])
+    remembered = forget_distill_loss(teacher, student, labels, kl_divergence, 1.0)
+    expected = kl_divergence(teacher[[0, 2]], student[[0, 2]], 1.0)  # their mean, not / 3
+    assert torch.allclose(remembered, expected)
+    every = forget_distill_loss(teacher, student, labels, kl_divergence, 1.0, on="all")
+    assert torch.allclose(every, kl_divergence(teacher, student, 1.0))
+    remembered.backward()
+    assert student.grad[1].abs().sum() == 0 and student.grad[0].abs().sum() > 0
+    # Nothing remembered: zero, and still part of the graph (the step's backward must run).
+    none = forget_distill_loss(teacher, student.detach()[[1]].requires_grad_(),
+                               labels[:1], kl_divergence, 1.0)
+    assert float(none) == 0.0 and none.requires_grad
+
+
+def test_forget_distill_default_is_per_scenario_and_beta1_reaches_adam(
+        tiny_model, synth, hr_splits, tiny_surrogate):
+    from scar.methods.scar_method import DEFAULT_BETA1, DEFAULT_FORGET_DISTILL
+
+    assert DEFAULT_FORGET_DISTILL["HR"] == 0 < DEFAULT_FORGET_DISTILL["CR"]
+    method = build_method("scar", stats="surrogate", epochs=1, beta1=0.3)
+    assert method.forget_distill is None
+    data = UnlearnData(input_spec=synth.info.input_spec, num_classes=synth.info.num_classes,
+                       scenario="HR", removed_classes=hr_splits.removed_classes,
+                       forget=hr_splits.train_forget,
+                       surrogate=tiny_surrogate, stats=None, original_test_acc=0.9, seed=0)
+    method.unlearn(tiny_model, data)  # the default weight of random removal: no error
+    _, opt = method.optimizer(tiny_model, "HR")
+    assert opt.param_groups[0]["betas"] == (0.3, method.beta2)
+    _, opt = build_method("scar").optimizer(tiny_model, "CR")
+    assert opt.param_groups[0]["betas"][0] == DEFAULT_BETA1["CR"]
+    with pytest.raises(ConfigError, match="beta1"):
+        build_method("scar", beta1=1.0)
+    with pytest.raises(ConfigError, match="forget_distill_on"):
+        build_method("scar", forget_distill_on="some")
+
+
 def test_next_choice_destination_is_the_highest_other_class_with_statistics():
     from scar.methods.scar_method import next_choice_class
 

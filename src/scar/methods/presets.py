@@ -116,7 +116,8 @@ def with_preset(method: str, hparams: Values, preset: str | None,
 # ReLU network, the reference has no rule for negative ones).
 _SCAR_COMMON: dict[str, Any] = {
     "lr": 5e-4,
-    "beta2": 0.999,  # torch's Adam default, which the reference keeps
+    "beta1": 0.9,  # torch's Adam defaults, which the reference keeps
+    "beta2": 0.999,
     "weight_decay": 0.0,
     "epochs": 30,
     "batch_size": 1024,

@@ -235,7 +235,7 @@ class SCARSelfForget(SCAR):
         loader = data.loader("surrogate", self.surrogate_batch_size or self.batch_size,
                              shuffle=True, seed_offset=1, augment=self.train_augment(data))
         divergence = DIVERGENCE_FNS[self.divergence]
-        params, opt = self.optimizer(model)
+        params, opt = self.optimizer(model, data.scenario)
         forget = data.forget if self.stop_on == "forget" else None
         checks = TargetCache(len(forget), data.device) if forget is not None else None
         self.stop_reason_, self.full_checks_, self.steps_, self.skipped_batches_ = \
