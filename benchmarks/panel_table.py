@@ -3,7 +3,8 @@
 One line per (checkpoint, method, hyperparameters) group of class-removal rows: the classes and
 seeds it covers, the retain-test drop (mean / worst, points), forget-test (mean / worst, %),
 AUS (mean / min), the worst change of a single kept class (points; the mean over runs of each
-run's worst, and the worst of all) and the mean number of steps. This is the table of the
+run's worst, and the worst of all), the mean number of steps and the mean of the method's own
+seconds (``method.seconds_``: a time only where the rows ran alone). This is the table of the
 README's *Every architecture: the panel*.
 
     python benchmarks/panel_table.py benchmarks/fmnist_arch_panel/forget_distill/*.jsonl
@@ -20,7 +21,7 @@ from common import markdown_table
 
 HEADERS = ["architecture", "method", "classes", "seeds", "retain-test drop (mean / worst)",
            "forget-test % (mean / worst)", "AUS (mean / min)",
-           "worst kept class (mean / worst)", "steps (mean)"]
+           "worst kept class (mean / worst)", "steps (mean)", "seconds (mean)"]
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -56,6 +57,7 @@ def summary_line(rows: list[dict], label: str) -> list[str]:
     aus = [r["aus"] for r in rows]
     kept = [worst_kept(r) for r in rows]
     steps = [r["steps"] for r in rows if r.get("steps") is not None]
+    seconds = [r["seconds"] for r in rows if r.get("seconds") is not None]
     method = rows[0]["method"] + (f" ({label})" if label else "")
     return [rows[0]["model"], method,
             ids({int(r["forget"].split()[1]) for r in rows}),
@@ -64,7 +66,8 @@ def summary_line(rows: list[dict], label: str) -> list[str]:
             f"{statistics.mean(forget):.2f} / {max(forget):.2f}",
             f"{statistics.mean(aus):.3f} / {min(aus):.3f}",
             f"{statistics.mean(kept):.1f} / {min(kept):.1f}",
-            f"{statistics.mean(steps):.1f}" if steps else "—"]
+            f"{statistics.mean(steps):.1f}" if steps else "—",
+            f"{statistics.mean(seconds):.1f}" if seconds else "—"]
 
 
 def table(rows: list[dict]) -> str:

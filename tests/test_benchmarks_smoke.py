@@ -120,7 +120,8 @@ def test_panel_table_summarises_probe_rows(tmp_path, monkeypatch):
            "seed": 0, "steps": 4, "a_or": 0.90, "retain_test": 0.89, "forget_test": 0.01,
            "aus": 0.98, "forget": "class 1 seed 0",
            "class_change": [-2.0, -90.0, 1.0]}
-    other = {**row, "seed": 1, "steps": 8, "retain_test": 0.87, "forget_test": 0.0, "aus": 0.97,
+    row["seconds"] = 1.0
+    other = {**row, "seed": 1, "steps": 8, "seconds": 2.0, "retain_test": 0.87, "forget_test": 0.0, "aus": 0.97,
              "forget": "class 1 seed 1", "class_change": [0.5, -95.0, -6.0]}
     hr = {**row, "forget": "hr 0.1 seed 0"}  # random-removal rows are not in the CR table
     path = tmp_path / "rows.jsonl"
@@ -130,5 +131,5 @@ def test_panel_table_summarises_probe_rows(tmp_path, monkeypatch):
     line = panel.summary_line(rows, "")
     # drops 1 and 3 points; forget 1% and 0%; the removed class's -90/-95 is not a kept class
     assert line[2:] == ["1", "0, 1", "+2.00 / +3.00", "0.50 / 1.00", "0.975 / 0.970",
-                        "-4.0 / -6.0", "6.0"]
+                        "-4.0 / -6.0", "6.0", "1.5"]
     assert panel.table(rows).count("\n") == 2  # header, rule, one group
