@@ -121,8 +121,9 @@ def test_panel_table_summarises_probe_rows(tmp_path, monkeypatch):
            "aus": 0.98, "forget": "class 1 seed 0",
            "class_change": [-2.0, -90.0, 1.0]}
     row["seconds"] = 1.0
-    other = {**row, "seed": 1, "steps": 8, "seconds": 2.0, "retain_test": 0.87, "forget_test": 0.0, "aus": 0.97,
-             "forget": "class 1 seed 1", "class_change": [0.5, -95.0, -6.0]}
+    other = {**row, "seed": 1, "steps": 8, "seconds": 2.0, "retain_test": 0.87,
+             "forget_test": 0.0, "aus": 0.97, "forget": "class 1 seed 1",
+             "class_change": [0.5, -95.0, -6.0]}
     hr = {**row, "forget": "hr 0.1 seed 0"}  # random-removal rows are not in the CR table
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in (row, other, hr)) + "\n")
