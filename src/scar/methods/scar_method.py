@@ -131,6 +131,11 @@ def js_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
 DIVERGENCE_FNS = {"kl": kl_divergence, "js": js_divergence}
 
 
+def or_scenario_default(value, defaults: dict, scenario: str):
+    """``value`` when set, else the scenario's entry of ``defaults`` (DEFAULT_STEP_KL, ...)."""
+    return value if value is not None else defaults[scenario]
+
+
 def forget_distill_loss(teacher_logits: torch.Tensor, logits: torch.Tensor,
                         labels: torch.Tensor, divergence, temperature: float,
                         on: str = "remembered") -> torch.Tensor:
@@ -559,8 +564,7 @@ class SCAR(Method):
                 f"forget_distill={self.forget_distill} applies to class removal only (it masks "
                 "the removed classes' teacher logits); use forget_distill=0 for random removal."
             )
-        fd = self.forget_distill if self.forget_distill is not None else \
-            DEFAULT_FORGET_DISTILL[data.scenario]
+        fd = or_scenario_default(self.forget_distill, DEFAULT_FORGET_DISTILL, data.scenario)
         removed = torch.tensor(data.removed_classes, device=dev, dtype=torch.long)
         self.stop_reason_ = "max epochs"
         self.full_checks_ = 0
@@ -670,7 +674,7 @@ class SCAR(Method):
         ``lr`` is None; β1 from DEFAULT_BETA1 of the scenario when ``beta1`` is None."""
         params = [p for p in model.parameters() if p.requires_grad]
         self.lr_ = self.lr
-        beta1 = self.beta1 if self.beta1 is not None else DEFAULT_BETA1[scenario]
+        beta1 = or_scenario_default(self.beta1, DEFAULT_BETA1, scenario)
         return params, torch.optim.Adam(params, lr=self.lr or 0.0, betas=(beta1, self.beta2),
                                         weight_decay=self.weight_decay,
                                         **fused_if_supported(params))
@@ -730,7 +734,7 @@ class SCAR(Method):
         (Fashion-MNIST, ResNet-18, class 9: lr 4.0e-4 where other classes got ~1.4e-4, and 11
         points of retain-test accuracy lost in 2 steps).
         """
-        target = self.step_kl if self.step_kl is not None else DEFAULT_STEP_KL[data.scenario]
+        target = or_scenario_default(self.step_kl, DEFAULT_STEP_KL, data.scenario)
         g = torch.Generator().manual_seed(data.seed + 7)
         idx = torch.randperm(len(surrogate), generator=g)[:2 * PROBE_IMAGES]
         n_probe = min(PROBE_IMAGES, len(idx) - len(idx) // 2)  # a small set: half each
