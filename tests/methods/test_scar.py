@@ -331,3 +331,37 @@ def test_destinations_follow_the_configured_rule(destination):
     method = build_method("scar", destination=destination)
     out = method.destinations(Head(), torch.zeros(2, 4), logits, labels)
     assert out.tolist() == ([1, 1] if destination == "next_choice" else [2, 2])
+
+
+def test_step_size_when_the_original_sends_every_probe_image_to_the_removed_class(
+        tiny_model, synth, cr_splits, tiny_surrogate, caplog):
+    """Regression: when every surrogate image was predicted as the removed class (uniform noise
+    and a small model, the README example at some seeds), the step-size probe kept no image, its
+    KL was NaN at every rate, the search ended at LR_MIN and SCAR ran 300 steps without
+    forgetting. Now the probe watches those images' kept-class outputs."""
+    import copy
+    import logging
+
+    from scar.methods.step_size import LR_MIN
+
+    model = copy.deepcopy(tiny_model).eval()
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    with torch.no_grad():
+        head.bias[1] += 50.0  # class 1 (the removed one) wins on every image
+    data = UnlearnData(input_spec=synth.info.input_spec, num_classes=synth.info.num_classes,
+                       scenario="CR", removed_classes=cr_splits.removed_classes,
+                       forget=cr_splits.train_forget, surrogate=tiny_surrogate, stats=None,
+                       original_test_acc=0.9, seed=0)
+    xs = next(iter(data.loader(tiny_surrogate, len(tiny_surrogate), shuffle=False))).x
+    with torch.no_grad():
+        assert (model(xs).argmax(1) == 1).all()
+    original = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = next(iter(data.loader("forget", 32, shuffle=False))).x
+    torch.nn.functional.cross_entropy(model(x), torch.zeros(len(x), dtype=torch.long)).backward()
+    method = build_method("scar")
+    with caplog.at_level(logging.WARNING, logger="scar.methods.scar_method"):
+        lr = method.calibrate(model, original, params, tiny_surrogate, data)
+    assert math.isfinite(lr) and lr > 100 * LR_MIN
+    assert "removed class for every one" in caplog.text
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), original.parameters()))

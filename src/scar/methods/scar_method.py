@@ -625,7 +625,7 @@ class SCAR(Method):
                             pooled.value()
                         running_acc = targets.running_accuracy()
                         full_acc = self.gate_pass(model, data, forget_eval, targets)
-                        self.record(step=step, epoch=epoch, loss_m=loss_m.detach(),
+                        self.record(step=step, epoch=epoch, lr=self.lr_, loss_m=loss_m.detach(),
                                     loss_td=loss_td.detach(), batch_forget_acc=batch_acc,
                                     window_forget_acc=window_acc,
                                     running_forget_acc=running_acc)
@@ -743,13 +743,24 @@ class SCAR(Method):
         with torch.no_grad():
             t_logits = original(x)
         # Images of a removed class are meant to change: the probe watches the others.
-        keep = ~torch.isin(t_logits.argmax(1), torch.tensor(data.removed_classes,
-                                                            device=t_logits.device))
-        x, t_logits = x[keep], t_logits[keep]
+        removed = torch.tensor(data.removed_classes, device=t_logits.device)
+        keep = ~torch.isin(t_logits.argmax(1), removed)
+        columns = slice(None)
+        if keep.any():
+            x, t_logits = x[keep], t_logits[keep]
+        else:
+            # Every probe image is predicted as a removed class (e.g. noise surrogates that a
+            # small model sends to one class): watch how their kept-class distribution moves.
+            columns = ~torch.isin(torch.arange(t_logits.shape[1], device=t_logits.device),
+                                  removed)
+            t_logits = t_logits[:, columns]
+            log.warning("%s: the original predicts a removed class for every one of the %d "
+                        "step-size probe images; the step size watches their kept-class "
+                        "outputs instead", self.name, len(x))
 
         def kl() -> float:
             with torch.no_grad():
-                return float(kl_divergence(t_logits, model(x), 1.0))
+                return float(kl_divergence(t_logits, model(x)[:, columns], 1.0))
 
         def lr_along(grads: list[torch.Tensor], start: float = 5e-4) -> float:
             return calibrate_lr(lambda lr: sign_step_divergence(model, params, grads, lr, kl),
