@@ -47,6 +47,18 @@ def test_readme_example_removes_the_class(example):
     assert example["model"] is not example["new_model"]
 
 
+@pytest.mark.parametrize("seed", [1, 4])
+def test_readme_example_holds_at_other_seeds(seed):
+    """Seeds at which the example's first version (uniform-noise surrogates) lost a kept class
+    (1) or never forgot (4): the example as written must remove the class at them too."""
+    code = readme_example().replace("torch.manual_seed(0)", f"torch.manual_seed({seed})")
+    assert f"torch.manual_seed({seed})" in code
+    namespace: dict = {"__name__": "readme_example", "print": lambda *a, **k: None}
+    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102
+    metrics = namespace["metrics"]
+    assert metrics["acc/test_forget"] < 0.05 and metrics["acc/test_retain"] > 0.95
+
+
 def test_same_call_with_float_tensors(example):
     """(images, labels) tensors instead of the DataLoader: the same images, the same run."""
     train, model = example["train"], example["model"]
