@@ -625,7 +625,7 @@ class SCAR(Method):
                             pooled.value()
                         running_acc = targets.running_accuracy()
                         full_acc = self.gate_pass(model, data, forget_eval, targets)
-                        self.record(step=step, epoch=epoch, lr=self.lr_, loss_m=loss_m.detach(),
+                        self.record(step=step, epoch=epoch, loss_m=loss_m.detach(),
                                     loss_td=loss_td.detach(), batch_forget_acc=batch_acc,
                                     window_forget_acc=window_acc,
                                     running_forget_acc=running_acc)
