@@ -751,8 +751,7 @@ class SCAR(Method):
         else:
             # Every probe image is predicted as a removed class (e.g. noise surrogates that a
             # small model sends to one class): watch how their kept-class distribution moves.
-            columns = ~torch.isin(torch.arange(t_logits.shape[1], device=t_logits.device),
-                                  removed)
+            columns = torch.tensor(data.kept_classes(), device=t_logits.device)
             t_logits = t_logits[:, columns]
             log.warning("%s: the original predicts a removed class for every one of the %d "
                         "step-size probe images; the step size watches their kept-class "
